@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-time (idempotent) setup: a project-local Python venv holding
+#  - torch==2.13.0, whose libtorch the Rust crate links against (tch 0.26), and
+#  - transformers + peft, used only as test oracles and by the benchmarks.
+# Re-running is cheap: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+PY_PACKAGES=("torch==${TORCH_VERSION}" "transformers>=4.56" "peft==0.21.2" "numpy" "safetensors" "psutil")
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust (https://rustup.rs) first" >&2
+  exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+
+stamp=.venv/.lora-merge-setup
+want="${PY_PACKAGES[*]}"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing ${want} into .venv (about 5 GB with torch's CUDA libraries; a few minutes)" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+  printf '%s' "$want" > "$stamp"
+fi
+
+# .cargo/config.toml points LIBTORCH at .venv/libtorch.
+torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+ln -sfn "$torch_dir" .venv/libtorch
+echo "setup: ok (libtorch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))" >&2

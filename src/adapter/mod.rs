@@ -1,0 +1,194 @@
+//! Reading adapters: where they come from, their formats, and the strict
+//! checks that make every later step safe. Nothing here knows about libtorch.
+
+pub mod config;
+pub mod peft;
+pub mod safetensors;
+pub mod set;
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde::Serialize;
+
+pub use config::PeftConfig;
+pub use set::{AdapterSet, CompatReport};
+
+/// Element types we read and write. Anything else in an adapter file is
+/// refused by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F64,
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 => 8,
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The spelling used in safetensors headers.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F64 => "F64",
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F64 => "f64",
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+/// A tensor that is still a view into a memory-mapped file. Bytes are only
+/// decoded when the math needs them.
+#[derive(Clone)]
+pub struct TensorRef {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub(crate) map: Arc<Mmap>,
+    /// Absolute byte range inside `map` (already validated).
+    pub(crate) range: Range<usize>,
+}
+
+impl std::fmt::Debug for TensorRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorRef")
+            .field("name", &self.name)
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+impl TensorRef {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+
+    /// Decode to f32 (little-endian input, as safetensors mandates).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let b = self.bytes();
+        match self.dtype {
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::F64 => b
+                .chunks_exact(8)
+                .map(|c| {
+                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                })
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        }
+    }
+}
+
+/// What kind of layer a LoRA module adapts. The factors are always handled
+/// as matrices (A: rank x fan_in, B: fan_out x rank); the kind only matters
+/// at the edges, where shapes and key names are restored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum ModuleKind {
+    Linear,
+    /// `kernel` is A's shape after the rank, e.g. [in, kh, kw]; B's trailing
+    /// dims are all 1.
+    Conv {
+        kernel: Vec<usize>,
+    },
+    /// PEFT `lora_embedding_A` [r, num_embeddings] / `lora_embedding_B` [dim, r].
+    Embedding,
+}
+
+/// One adapted module of one adapter: delta = scale * B @ A.
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    /// Module path inside the base model, without PEFT's
+    /// `base_model.model.` prefix (e.g. `model.layers.0.self_attn.q_proj`).
+    pub name: String,
+    pub kind: ModuleKind,
+    pub rank: usize,
+    pub alpha: f64,
+    /// alpha / rank, or alpha / sqrt(rank) with rsLoRA, after the patterns.
+    pub scale: f64,
+    /// Columns of A after flattening (in, or in*kh*kw for conv).
+    pub fan_in: usize,
+    pub fan_out: usize,
+    pub a: TensorRef,
+    pub b: TensorRef,
+}
+
+/// A file we read, as we read it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileRecord {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// One validated adapter.
+#[derive(Debug)]
+pub struct Adapter {
+    /// The reference exactly as the user gave it.
+    pub given: String,
+    /// Where it resolved to (a local directory for now; a Hub snapshot later).
+    pub resolved: source::Resolved,
+    pub files: Vec<FileRecord>,
+    pub config: PeftConfig,
+    /// By module name, sorted.
+    pub modules: BTreeMap<String, LoraModule>,
+}
+
+impl Adapter {
+    pub fn dtypes(&self) -> Vec<DType> {
+        let mut d: Vec<DType> = self
+            .modules
+            .values()
+            .flat_map(|m| [m.a.dtype, m.b.dtype])
+            .collect();
+        d.sort();
+        d.dedup();
+        d
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.modules
+            .values()
+            .map(|m| m.a.numel() + m.b.numel())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -1,0 +1,158 @@
+//! The command line, as clap definitions only. Every flag's doc comment is
+//! its `--help` text and its entry in the generated man page.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Merge and compose LoRA adapters.
+///
+/// lora-merge combines many LoRA adapters into one PEFT adapter: an exact
+/// weighted sum (lossless), its best low-rank approximation, or PEFT's
+/// `linear` averaging. Inputs are memory-mapped and validated strictly;
+/// outputs are written atomically with a provenance manifest.
+///
+/// Exit status: 0 success, 1 invalid or incompatible input (or `verify`
+/// found a difference), 2 I/O or internal error.
+#[derive(Debug, Parser)]
+#[command(name = "lora-merge", version, propagate_version = true)]
+#[command(
+    after_help = "Examples:\n  lora-merge inspect ./adapter-a ./adapter-b\n  \
+lora-merge uniform --adapters ./a ./b ./c -o merged\n  \
+lora-merge uniform --adapters ./a ./b --weights 0.7 0.3 --method svd --rank 16 -o merged\n  \
+lora-merge verify merged"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Report the tool, libtorch and CUDA versions, the Hub cache and token status.
+    Doctor(DoctorArgs),
+    /// Describe adapters and, for several, whether they fit together.
+    Inspect(InspectArgs),
+    /// Merge adapters with fixed weights (equal by default); no base model needed.
+    ///
+    /// The merged delta of every module is sum_i w_i * s_i * B_i A_i, where s_i
+    /// is adapter i's own scale (alpha/r, or alpha/sqrt(r) with rsLoRA). A
+    /// module that only some adapters adapt is merged from those (the others
+    /// contribute nothing) and listed in the report; --strict refuses instead.
+    Uniform(UniformArgs),
+    /// Re-hash a merged adapter directory against its merge_manifest.json.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where adapters come from; shared by every command that reads several.
+#[derive(Debug, Args)]
+pub struct AdapterInputs {
+    /// Adapters: a PEFT directory (adapter_config.json +
+    /// adapter_model.safetensors) or a .safetensors file with its
+    /// adapter_config.json beside it.
+    #[arg(long = "adapters", value_name = "ADAPTER", num_args = 1..)]
+    pub adapters: Vec<String>,
+
+    /// Read more adapter references from FILE, one per line (blank lines and
+    /// lines starting with # are skipped).
+    #[arg(long, value_name = "FILE")]
+    pub adapters_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Adapters to describe (see `uniform --adapters` for the forms accepted).
+    #[arg(value_name = "ADAPTER")]
+    pub adapters: Vec<String>,
+
+    /// Read more adapter references from FILE, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub adapters_file: Option<PathBuf>,
+
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    /// Stack the factors: rank = sum of ranks, lossless.
+    Exact,
+    /// Best rank-N approximation (needs --rank) of the exact sum, computed
+    /// from the factors (QR + small SVD); the manifest records each module's
+    /// relative error and retained energy.
+    Svd,
+    /// Average A and B separately, as PEFT's add_weighted_adapter "linear"
+    /// does. Equal ranks only. APPROXIMATE: the cross terms B_i A_j make it
+    /// differ from the weighted sum of deltas; the manifest records by how much.
+    Linear,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Args)]
+pub struct UniformArgs {
+    #[command(flatten)]
+    pub inputs: AdapterInputs,
+
+    /// Output directory for the merged PEFT adapter, manifest and model card.
+    #[arg(short = 'o', long = "output", value_name = "OUT")]
+    pub output: PathBuf,
+
+    /// One weight per adapter, in order (default: 1/N each). Weights are used
+    /// as given: they are not normalised, and may be negative.
+    #[arg(long, value_name = "W", num_args = 1.., allow_negative_numbers = true)]
+    pub weights: Vec<f64>,
+
+    /// How the weighted sum becomes one adapter.
+    #[arg(long, value_enum, default_value_t = MethodArg::Exact)]
+    pub method: MethodArg,
+
+    /// Output rank per module for --method svd.
+    #[arg(long, value_name = "N")]
+    pub rank: Option<usize>,
+
+    /// Element type of the written tensors (default: the inputs' type when
+    /// they all agree, else f32). Math is always done in f32 or f64.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+
+    /// Refuse modules that only some adapters adapt.
+    #[arg(long)]
+    pub strict: bool,
+
+    /// Merge adapters that name different base models.
+    #[arg(long)]
+    pub allow_base_mismatch: bool,
+
+    /// Replace an existing non-empty output directory.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Print the merge report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A directory written by lora-merge.
+    #[arg(value_name = "OUT")]
+    pub dir: PathBuf,
+
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}

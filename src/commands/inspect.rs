@@ -1,0 +1,131 @@
+//! `inspect`: what each adapter is, and for several, whether they fit.
+
+use serde_json::json;
+
+use crate::adapter::AdapterSet;
+use crate::cli::InspectArgs;
+use crate::Result;
+
+pub fn run(args: &InspectArgs) -> Result<()> {
+    let refs = super::adapter_refs(&args.adapters, args.adapters_file.as_deref())?;
+    let set = AdapterSet::load(&refs)?;
+    let summaries: Vec<_> = set.adapters.iter().map(|a| a.summary()).collect();
+    // inspect describes; it never refuses a set for not fitting together.
+    let report = (set.adapters.len() > 1).then(|| set.report());
+    if args.json {
+        return super::print_json(&json!({"adapters": summaries, "compatibility": report}));
+    }
+    for s in &summaries {
+        eprintln!("{}", s.given);
+        for f in &s.files {
+            eprintln!(
+                "  file        {} ({}, sha256 {})",
+                f.path.display(),
+                super::human_bytes(f.size),
+                f.sha256
+            );
+        }
+        eprintln!(
+            "  base model  {}{}",
+            s.base_model.as_deref().unwrap_or("(not set)"),
+            s.revision
+                .as_deref()
+                .map(|r| format!(" @ {r}"))
+                .unwrap_or_default()
+        );
+        eprintln!(
+            "  task type   {}",
+            s.task_type.as_deref().unwrap_or("(not set)")
+        );
+        eprintln!(
+            "  rank        {}{}",
+            s.rank,
+            if s.module_ranks.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} modules differ via rank_pattern)",
+                    s.module_ranks.len()
+                )
+            }
+        );
+        eprintln!(
+            "  alpha       {}{}{}",
+            s.alpha,
+            if s.module_alphas.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} modules differ via alpha_pattern)",
+                    s.module_alphas.len()
+                )
+            },
+            if s.use_rslora {
+                ", rsLoRA (scale alpha/sqrt(r))"
+            } else {
+                ""
+            }
+        );
+        eprintln!(
+            "  targets     {}",
+            s.target_modules
+                .as_ref()
+                .map(|t| serde_json::to_string(t).unwrap_or_default())
+                .unwrap_or_else(|| "(not set)".into())
+        );
+        let dtypes: Vec<&str> = s.dtypes.iter().map(|d| d.name()).collect();
+        eprintln!(
+            "  modules     {} ({} parameters, {})",
+            s.module_count,
+            s.parameter_count,
+            dtypes.join(", ")
+        );
+    }
+    if let Some(r) = &report {
+        eprintln!("compatibility of {} adapters:", set.adapters.len());
+        eprintln!(
+            "  modules     {} in all, {} in only some",
+            r.modules.len(),
+            r.partial_modules.len()
+        );
+        for (m, missing) in r.partial_modules.iter().take(10) {
+            let names: Vec<&str> = missing.iter().map(|i| r.adapters[*i].as_str()).collect();
+            eprintln!("    {m}: missing from {}", names.join(", "));
+        }
+        if r.partial_modules.len() > 10 {
+            eprintln!(
+                "    ... and {} more (--json lists all)",
+                r.partial_modules.len() - 10
+            );
+        }
+        for c in &r.shape_conflicts {
+            eprintln!(
+                "  CONFLICT    {}: {} has {}, {} has {}",
+                c.module, r.adapters[c.adapter_i], c.shape_i, r.adapters[c.adapter_j], c.shape_j
+            );
+        }
+        if r.base_mismatch() {
+            eprintln!("  BASE MODELS DIFFER:");
+            for b in &r.base_models {
+                eprintln!(
+                    "    {} (adapters {:?})",
+                    b.name.as_deref().unwrap_or("(not set)"),
+                    b.adapters
+                );
+            }
+        }
+        if r.fan_in_fan_out_disagree {
+            eprintln!("  fan_in_fan_out differs between adapters");
+        }
+        let mergeable = r.shape_conflicts.is_empty() && !r.fan_in_fan_out_disagree;
+        eprintln!(
+            "  verdict     {}",
+            if mergeable {
+                "can be merged"
+            } else {
+                "cannot be merged as is"
+            }
+        );
+    }
+    Ok(())
+}

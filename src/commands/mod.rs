@@ -1,0 +1,71 @@
+//! One file per subcommand. Each takes its parsed arguments and returns a
+//! Result; `main` alone decides exit codes.
+
+pub mod doctor;
+pub mod inspect;
+pub mod uniform;
+pub mod verify;
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::adapter::source;
+use crate::{Error, Result};
+
+/// References from the command line followed by those in --adapters-file.
+pub fn adapter_refs(given: &[String], file: Option<&Path>) -> Result<Vec<String>> {
+    let mut refs = given.to_vec();
+    if let Some(f) = file {
+        refs.extend(source::read_adapters_file(f)?);
+    }
+    if refs.is_empty() {
+        return Err(Error::Usage(
+            "no adapters given; pass --adapters A B ... or --adapters-file FILE".into(),
+        ));
+    }
+    Ok(refs)
+}
+
+/// A progress bar on stderr, or a hidden one when stderr is not a terminal.
+pub fn progress(len: u64, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Machine output on stdout. A closed pipe is not an error.
+pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(|e| Error::io("<stdout>", e)),
+    }
+}
+
+/// Human-readable byte count.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

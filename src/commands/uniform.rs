@@ -1,0 +1,345 @@
+//! `uniform`: merge with fixed weights. The same path `fit` will take once it
+//! has learned its weights: load -> check -> merge -> write.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::adapter::{AdapterSet, CompatReport, DType};
+use crate::cli::{DTypeArg, MethodArg, UniformArgs};
+use crate::compose::merge::{self, MergedModule, Method, Weights};
+use crate::output::atomic::{self, Staging, WrittenFile};
+use crate::output::card::{Card, CardInput};
+use crate::output::manifest::{self, Manifest, ModuleRecord, Tool};
+use crate::output::{peft, safetensors};
+use crate::{Error, Result};
+
+/// Everything `write_merge` needs to describe a merge.
+pub struct MergeRecord<'a> {
+    pub set: &'a AdapterSet,
+    pub report: &'a CompatReport,
+    pub weights: &'a Weights,
+    pub method: Method,
+    pub dtype: DType,
+    pub modules: &'a [MergedModule],
+    pub timings: Value,
+}
+
+pub fn run(args: &UniformArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let refs = super::adapter_refs(&args.inputs.adapters, args.inputs.adapters_file.as_deref())?;
+    let method = match (args.method, args.rank) {
+        (MethodArg::Exact, None) => Method::Exact,
+        (MethodArg::Linear, None) => Method::Linear,
+        (MethodArg::Svd, Some(0)) => return Err(Error::Usage("--rank must be at least 1".into())),
+        (MethodArg::Svd, Some(rank)) => Method::Svd { rank },
+        (MethodArg::Svd, None) => {
+            return Err(Error::Usage(
+                "--method svd needs --rank N (the output rank per module)".into(),
+            ))
+        }
+        (m, Some(_)) => {
+            return Err(Error::Usage(format!(
+                "--rank only applies to --method svd (got --method {})",
+                if m == MethodArg::Exact {
+                    "exact"
+                } else {
+                    "linear"
+                }
+            )))
+        }
+    };
+    let weights = Weights::uniform(refs.len(), &args.weights)?;
+
+    // Refuse a bad output before reading anything large.
+    let given_paths: Vec<PathBuf> = refs.iter().map(PathBuf::from).collect();
+    atomic::preflight(&args.output, args.force, &given_paths)?;
+
+    let set = AdapterSet::load(&refs)?;
+    let input_files: Vec<PathBuf> = set
+        .adapters
+        .iter()
+        .flat_map(|a| a.files.iter().map(|f| f.path.clone()))
+        .collect();
+    atomic::preflight(&args.output, args.force, &input_files)?;
+    let report = set.check(args.strict, args.allow_base_mismatch)?;
+    let load_s = t0.elapsed().as_secs_f64();
+
+    let dtype = match args.dtype {
+        Some(DTypeArg::F32) => DType::F32,
+        Some(DTypeArg::F16) => DType::F16,
+        Some(DTypeArg::Bf16) => DType::BF16,
+        None => common_dtype(&set),
+    };
+
+    let n_modules = set
+        .adapters
+        .iter()
+        .flat_map(|a| a.modules.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let bar = super::progress(n_modules as u64, "merging");
+    let t1 = Instant::now();
+    let modules = merge::merge(&set, &weights, method, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+    let merge_s = t1.elapsed().as_secs_f64();
+
+    let record = MergeRecord {
+        set: &set,
+        report: &report,
+        weights: &weights,
+        method,
+        dtype,
+        modules: &modules,
+        timings: json!({"load_s": load_s, "merge_s": merge_s}),
+    };
+    let t2 = Instant::now();
+    let (out_dir, written) = write_merge(&args.output, &record)?;
+    let write_s = t2.elapsed().as_secs_f64();
+    let total_s = t0.elapsed().as_secs_f64();
+
+    let partial = modules
+        .iter()
+        .filter(|m| m.sources.len() < set.adapters.len())
+        .count();
+    let max_err = modules
+        .iter()
+        .map(|m| m.factored.rel_error)
+        .fold(0.0f64, f64::max);
+    let ranks = modules.iter().map(|m| m.factored.rank);
+    let (rmin, rmax) = (ranks.clone().min().unwrap_or(0), ranks.max().unwrap_or(0));
+    if args.json {
+        super::print_json(&json!({
+            "output": out_dir,
+            "method": method,
+            "dtype": dtype,
+            "adapters": set.adapters.len(),
+            "weights": weights.global,
+            "modules": modules.len(),
+            "partial_modules": partial,
+            "rank_min": rmin,
+            "rank_max": rmax,
+            "max_rel_error": max_err,
+            "files": written,
+            "timings": {"load_s": load_s, "merge_s": merge_s, "write_s": write_s, "total_s": total_s},
+        }))?;
+    } else {
+        eprintln!(
+            "loaded {} adapters in {:.2} s; merged {} modules ({}, output rank {}{}, max relative error {:.2e}) in {:.2} s",
+            set.adapters.len(),
+            load_s,
+            modules.len(),
+            method.name(),
+            rmin,
+            if rmax != rmin { format!("..{rmax}") } else { String::new() },
+            max_err,
+            merge_s
+        );
+        if partial > 0 {
+            eprintln!(
+                "note: {partial} modules are adapted by only some adapters and were merged from those (see merge_manifest.json; --strict refuses this)"
+            );
+        }
+        if method == Method::Linear {
+            eprintln!("note: --method linear is PEFT-compatible averaging, not the weighted sum of deltas; its error is recorded per module");
+        }
+        let size: u64 = written.values().map(|w| w.size).sum();
+        eprintln!(
+            "wrote {} ({} files, {})",
+            out_dir.display(),
+            written.len() + 1,
+            super::human_bytes(size)
+        );
+    }
+    Ok(())
+}
+
+/// The type every input tensor shares, else f32.
+fn common_dtype(set: &AdapterSet) -> DType {
+    let mut all: Vec<DType> = set.adapters.iter().flat_map(|a| a.dtypes()).collect();
+    all.sort();
+    all.dedup();
+    match all.as_slice() {
+        [one] => *one,
+        _ => DType::F32,
+    }
+}
+
+fn same<T: PartialEq + Clone>(mut it: impl Iterator<Item = T>) -> Option<T> {
+    let first = it.next()?;
+    it.all(|x| x == first).then_some(first)
+}
+
+/// Write adapter, card and manifest atomically into `out`. Shared by every
+/// command that produces a merged adapter.
+pub fn write_merge(
+    out: &std::path::Path,
+    rec: &MergeRecord,
+) -> Result<(PathBuf, BTreeMap<String, WrittenFile>)> {
+    let set = rec.set;
+    let n = set.adapters.len();
+    let all_modules_everywhere = rec.modules.iter().all(|m| m.sources.len() == n);
+    let facts = peft::ConfigFacts {
+        base_model: same(
+            set.adapters
+                .iter()
+                .map(|a| a.config.base_model_name_or_path.clone()),
+        )
+        .flatten()
+        .or_else(|| {
+            set.adapters
+                .iter()
+                .find_map(|a| a.config.base_model_name_or_path.clone())
+        }),
+        revision: same(set.adapters.iter().map(|a| a.config.revision.clone())).flatten(),
+        task_type: same(set.adapters.iter().map(|a| a.config.task_type.clone())).flatten(),
+        fan_in_fan_out: set.adapters.iter().any(|a| a.config.fan_in_fan_out),
+        shared_target_modules: if all_modules_everywhere {
+            same(
+                set.adapters
+                    .iter()
+                    .map(|a| serde_json::to_value(&a.config.target_modules).unwrap_or(Value::Null)),
+            )
+            .filter(|v| !v.is_null())
+        } else {
+            None
+        },
+    };
+
+    let staging = Staging::new(out)?;
+    let mut written = BTreeMap::new();
+
+    let tensors = peft::tensors(rec.modules, rec.dtype);
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let adapter = staging.write_with("adapter_model.safetensors", |w| {
+        safetensors::write(w, &tensors, &metadata)
+    })?;
+    drop(tensors);
+    written.insert("adapter_model.safetensors".to_string(), adapter.clone());
+
+    let config = peft::config(rec.modules, &facts);
+    let config_text =
+        serde_json::to_string_pretty(&config).map_err(|e| Error::Internal(e.to_string()))? + "\n";
+    written.insert(
+        "adapter_config.json".into(),
+        staging.write("adapter_config.json", config_text.as_bytes())?,
+    );
+
+    // argv[0] is wherever the binary happened to be; the card shows the command.
+    let argv: Vec<String> = std::iter::once("lora-merge".to_string())
+        .chain(std::env::args().skip(1))
+        .collect();
+    let command = argv
+        .iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let card = Card {
+        base_model: facts.base_model.as_deref(),
+        method: rec.method.name(),
+        method_note: match rec.method {
+            Method::Exact => "Exact: the factors are stacked, so the adapter's delta is exactly the weighted sum of the inputs' deltas.",
+            Method::Svd { .. } => "SVD: the best low-rank approximation of the exact weighted sum; per-module error in the manifest.",
+            Method::Linear => "Linear: A and B averaged separately as PEFT's `linear` does; approximate (cross terms), error per module in the manifest.",
+        },
+        inputs: set
+            .adapters
+            .iter()
+            .zip(&rec.weights.global)
+            .map(|(a, w)| CardInput {
+                given: a.given.clone(),
+                weight: *w,
+                rank: a.config.r.to_string(),
+                alpha: a.config.lora_alpha.to_string(),
+                rslora: a.config.use_rslora,
+                weights_sha256: a
+                    .files
+                    .iter()
+                    .find(|f| f.path.extension().is_some_and(|e| e == "safetensors"))
+                    .map(|f| f.sha256.clone())
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        modules: rec.modules.len(),
+        command: &command,
+        adapter_sha256: &adapter.sha256,
+    };
+    written.insert(
+        "README.md".into(),
+        staging.write("README.md", card.render().as_bytes())?,
+    );
+
+    let inputs: Vec<Value> = set
+        .adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            json!({
+                "given": a.given,
+                "resolved": a.resolved,
+                "files": a.files,
+                "rank": a.config.r,
+                "lora_alpha": a.config.lora_alpha,
+                "use_rslora": a.config.use_rslora,
+                "rank_pattern": a.config.rank_pattern,
+                "alpha_pattern": a.config.alpha_pattern,
+                "base_model": a.config.base_model_name_or_path,
+                "base_model_revision": a.config.revision,
+                "modules": a.modules.len(),
+                "weight": rec.weights.global.get(i),
+            })
+        })
+        .collect();
+    let manifest = Manifest {
+        tool: Tool::this(),
+        created: manifest::timestamp(),
+        command_line: argv,
+        method: json!({
+            "name": rec.method.name(),
+            "rank": match rec.method { Method::Svd { rank } => Some(rank), _ => None },
+            "dtype": rec.dtype,
+            "approximate": rec.method != Method::Exact,
+            "svd_factor_split": matches!(rec.method, Method::Svd { .. }).then_some("balanced: B = Q_B U sqrt(S), A = sqrt(S) V^T Q_A^T"),
+        }),
+        weights: serde_json::to_value(rec.weights).map_err(|e| Error::Internal(e.to_string()))?,
+        inputs,
+        base_model: json!({"name": facts.base_model, "revision": facts.revision}),
+        compatibility: serde_json::to_value(rec.report)
+            .map_err(|e| Error::Internal(e.to_string()))?,
+        modules: rec
+            .modules
+            .iter()
+            .map(|m| {
+                (
+                    m.name.clone(),
+                    ModuleRecord {
+                        rank: m.factored.rank,
+                        rel_error: m.factored.rel_error,
+                        energy: m.factored.energy,
+                        adapters: m.sources.clone(),
+                    },
+                )
+            })
+            .collect(),
+        timings: rec.timings.clone(),
+        outputs: written.clone(),
+    };
+    let manifest_text =
+        serde_json::to_string_pretty(&manifest).map_err(|e| Error::Internal(e.to_string()))? + "\n";
+    staging.write(manifest::FILE_NAME, manifest_text.as_bytes())?;
+    let dir = staging.commit()?;
+    Ok((dir, written))
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@+,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}

@@ -1,0 +1,1016 @@
+//! The materializers' arithmetic on one module: turn
+//! `sum_i w_i * s_i * B_i A_i` into a single pair of factors.
+//!
+//! Everything here is pure Rust on row-major `f32` slices, computed in `f64`.
+//! Shapes follow PEFT: `A_i` is `rank_i x n` (fan_in), `B_i` is `m x rank_i`
+//! (fan_out). The result always has scale 1: `delta = b @ a`, which is what
+//! the writer's `r = lora_alpha = rank` config means.
+//!
+//! Dense linear algebra runs with `faer` in sequential mode ([`Par::Seq`]):
+//! callers already spread modules over rayon's pool, the factored SVD of one
+//! module is a few milliseconds, and a sequential run gives the same bits on
+//! every run on the same machine, which byte-identical outputs rely on.
+
+use faer::diag::Diag;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::householder::{
+    apply_block_householder_sequence_on_the_left_in_place_scratch,
+    apply_block_householder_sequence_on_the_left_in_place_with_conj,
+};
+use faer::linalg::matmul::matmul;
+use faer::linalg::qr::no_pivoting::factor::{
+    qr_in_place, qr_in_place_scratch, recommended_block_size,
+};
+use faer::linalg::svd::{svd as faer_svd, svd_scratch, ComputeSvdVectors};
+use faer::{Accum, Conj, Mat, MatRef, Par};
+
+/// One adapter's contribution to a module: `weight * scale * b @ a`.
+#[derive(Debug, Clone, Copy)]
+pub struct Term<'a> {
+    /// The merge weight (uniform 1/N, user-given, or learned).
+    pub weight: f64,
+    /// The adapter's own scale for this module: `alpha / r`, or
+    /// `alpha / sqrt(r)` with rsLoRA.
+    pub scale: f64,
+    pub rank: usize,
+    /// `rank x n`, row-major.
+    pub a: &'a [f32],
+    /// `m x rank`, row-major.
+    pub b: &'a [f32],
+}
+
+/// Merged factors with scale 1: `delta = b @ a`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Factored {
+    pub rank: usize,
+    /// `rank x n`, row-major.
+    pub a: Vec<f32>,
+    /// `m x rank`, row-major.
+    pub b: Vec<f32>,
+    /// `||exact - b @ a||_F / ||exact||_F`, where `exact` is the true
+    /// weighted sum of the terms' deltas.
+    pub rel_error: f64,
+    /// Fraction of the exact delta's squared Frobenius norm (the sum of its
+    /// squared singular values) that the result keeps.
+    pub energy: f64,
+}
+
+impl Factored {
+    fn empty(rel_error: f64, energy: f64) -> Self {
+        Factored {
+            rank: 0,
+            a: Vec::new(),
+            b: Vec::new(),
+            rel_error,
+            energy,
+        }
+    }
+}
+
+/// Stacks the factors: `A'` is the rows of `w_i s_i A_i`, `B'` the columns of
+/// `B_i`, so `B' A' = sum_i w_i s_i B_i A_i` with rank `sum_i rank_i`.
+///
+/// Lossless up to one `f32` rounding of each `w_i s_i A_i` entry (relative
+/// 2^-24), so `rel_error` is 0 and `energy` is 1. The weight goes on `A` so
+/// that `B` stays the adapter's bytes untouched.
+///
+/// # Panics
+/// If a term's slices do not have the lengths its rank implies (the adapter
+/// loader validates shapes before math sees them).
+pub fn exact(m: usize, n: usize, terms: &[Term]) -> Factored {
+    let k = check_terms(m, n, terms);
+    let mut a = Vec::with_capacity(k * n);
+    let mut b = vec![0.0f32; m * k];
+    let mut offset = 0;
+    for t in terms {
+        let ws = t.weight * t.scale;
+        a.extend(t.a.iter().map(|&x| (f64::from(x) * ws) as f32));
+        for row in 0..m {
+            b[row * k + offset..row * k + offset + t.rank]
+                .copy_from_slice(&t.b[row * t.rank..(row + 1) * t.rank]);
+        }
+        offset += t.rank;
+    }
+    Factored {
+        rank: k,
+        a,
+        b,
+        rel_error: 0.0,
+        energy: 1.0,
+    }
+}
+
+/// The best rank-`rank` approximation (Eckart–Young, Frobenius norm) of the
+/// exact sum `B' A'` (see [`exact`]), computed from the factors.
+///
+/// With `k = sum_i rank_i < min(m, n)`: thin QR `B' = Qb Rb` and
+/// `A'^T = Qa Ra`, SVD of the `k x k` core `Rb Ra^T = U S V^T`, so
+/// `B' A' = (Qb U) S (Qa V)^T` and the `m x n` matrix is never built. When
+/// `k >= min(m, n)` the dense delta is no larger than the factors, and its SVD
+/// is taken directly.
+///
+/// Output rank is `min(rank, k, min(m, n))`: the exact sum has no more
+/// singular values than that, so a larger request is lossless and no
+/// zero-padding is added. Singular values that are zero inside that range
+/// are kept (as zero columns/rows) so the rank is predictable.
+///
+/// `S` is split evenly: `b = Qb U_R sqrt(S_R)`, `a = sqrt(S_R) (Qa V_R)^T`,
+/// so `b^T b = a a^T = S_R`. Balanced factors keep both tensors at the same
+/// magnitude, which matters once they are stored in f16/bf16 or trained
+/// further. (PEFT's `svd` combination puts all of `S` on `B`.)
+///
+/// `rel_error` is `sqrt(sum of discarded s^2 / sum of all s^2)` and `energy`
+/// the kept share of `sum s^2`; a zero delta has `rel_error` 0 and `energy` 1.
+/// Singular values at or below `eps * max(m, n, k) * ||B'||_F ||A'||_F` are
+/// rounding noise of the factorization, not part of the delta, and count as
+/// zero: without that, a delta that cancels (an adapter at weight `w` and
+/// `-w`) would report its noise as a large relative error.
+///
+/// Errors on non-finite values in the inputs or if the SVD does not converge.
+///
+/// # Panics
+/// As [`exact`], on slices that do not match their ranks.
+pub fn svd(m: usize, n: usize, terms: &[Term], rank: usize) -> Result<Factored, String> {
+    let k = check_terms(m, n, terms);
+    check_finite(terms)?;
+    if k == 0 || m == 0 || n == 0 {
+        return Ok(Factored::empty(0.0, 1.0));
+    }
+    let bp = stacked_b(m, terms);
+    let apt = stacked_at(n, terms);
+    let noise = noise_floor(bp.as_ref(), apt.as_ref());
+    if k < m.min(n) {
+        let (qb, rb) = thin_qr(bp);
+        let (qa, ra) = thin_qr(apt);
+        let core = mul(rb.as_ref(), ra.as_ref().transpose());
+        let (u, s, v) = thin_svd(core.as_ref())?;
+        Ok(truncate(
+            Some(qb.as_ref()),
+            Some(qa.as_ref()),
+            u,
+            s,
+            v,
+            rank,
+            noise,
+        ))
+    } else {
+        let dense = mul(bp.as_ref(), apt.as_ref().transpose());
+        let (u, s, v) = thin_svd(dense.as_ref())?;
+        Ok(truncate(None, None, u, s, v, rank, noise))
+    }
+}
+
+/// PEFT's `add_weighted_adapter(combination_type="linear")`, as done by
+/// `LoraModel._generalized_task_arithmetic_weighted_adapter` with
+/// `task_arithmetic`: every term gets the coefficient
+/// `c_i = sqrt(weight_i * scale_i)` and then
+/// `a = sum_i c_i A_i`, `b = sum_i c_i B_i`. PEFT gives the new adapter
+/// `r = lora_alpha = rank` (scale 1, which is also what [`Factored`] means;
+/// note PEFT copies the remaining config, including `use_rslora`, from the
+/// first adapter).
+///
+/// This is not the weighted sum of deltas: `b a` has the cross terms
+/// `c_i c_j B_i A_j`. `rel_error` says how far it is from the exact sum,
+/// computed from the factors (see [`frob_norm_factored`]), never the `m x n`
+/// delta; when the exact sum is zero (to rounding) it is 0 if `b a` is zero
+/// too, else infinite. `energy` has no meaning here and is set to 1; read
+/// `rel_error`.
+///
+/// Errors, as PEFT does, when the ranks differ, and when a
+/// `weight * scale` is negative (PEFT's `math.sqrt` raises there; a negative
+/// weight needs `exact` or `svd`).
+///
+/// # Panics
+/// As [`exact`], on slices that do not match their ranks.
+pub fn linear(m: usize, n: usize, terms: &[Term]) -> Result<Factored, String> {
+    let k = check_terms(m, n, terms);
+    let Some(first) = terms.first() else {
+        return Ok(Factored::empty(0.0, 1.0));
+    };
+    let r = first.rank;
+    if let Some(t) = terms.iter().find(|t| t.rank != r) {
+        return Err(format!(
+            "the linear combination needs adapters of equal rank, got rank {r} and rank {}; \
+             use the exact or svd method for mixed ranks",
+            t.rank
+        ));
+    }
+    let mut a = vec![0.0f64; r * n];
+    let mut b = vec![0.0f64; m * r];
+    for (i, t) in terms.iter().enumerate() {
+        let ws = t.weight * t.scale;
+        if !ws.is_finite() || ws < 0.0 {
+            return Err(format!(
+                "the linear combination takes sqrt(weight * scale), which is undefined for \
+                 term {i} (weight {} * scale {} = {ws}); use the exact or svd method for \
+                 negative weights",
+                t.weight, t.scale
+            ));
+        }
+        let c = ws.sqrt();
+        for (dst, &x) in a.iter_mut().zip(t.a) {
+            *dst += c * f64::from(x);
+        }
+        for (dst, &x) in b.iter_mut().zip(t.b) {
+            *dst += c * f64::from(x);
+        }
+    }
+    let a: Vec<f32> = a.into_iter().map(|x| x as f32).collect();
+    let b: Vec<f32> = b.into_iter().map(|x| x as f32).collect();
+
+    // The difference as one factored product: [b | B'] [a ; -A'].
+    let bp = stacked_b(m, terms);
+    let apt = stacked_at(n, terms);
+    let diff_b = Mat::from_fn(m, r + k, |i, j| {
+        if j < r {
+            f64::from(b[i * r + j])
+        } else {
+            bp[(i, j - r)]
+        }
+    });
+    let diff_at = Mat::from_fn(n, r + k, |i, j| {
+        if j < r {
+            f64::from(a[j * n + i])
+        } else {
+            -apt[(i, j - r)]
+        }
+    });
+    let exact_norm = frob_norm_cols(bp.as_ref(), apt.as_ref());
+    let diff_norm = frob_norm_cols(diff_b.as_ref(), diff_at.as_ref());
+    let rel_error = if exact_norm > noise_floor(bp.as_ref(), apt.as_ref()) {
+        diff_norm / exact_norm
+    } else if diff_norm > noise_floor(diff_b.as_ref(), diff_at.as_ref()) {
+        f64::INFINITY
+    } else {
+        0.0
+    };
+    Ok(Factored {
+        rank: r,
+        a,
+        b,
+        rel_error,
+        energy: 1.0,
+    })
+}
+
+/// The dense `m x n` (row-major) exact sum `sum_i w_i s_i B_i A_i`, straight
+/// from the definition. A reference for tests and small checks; the
+/// materializers never need it.
+pub fn dense(m: usize, n: usize, terms: &[Term]) -> Vec<f64> {
+    check_terms(m, n, terms);
+    let mut out = vec![0.0f64; m * n];
+    for t in terms {
+        let ws = t.weight * t.scale;
+        for i in 0..m {
+            let row = &mut out[i * n..(i + 1) * n];
+            for p in 0..t.rank {
+                let c = ws * f64::from(t.b[i * t.rank + p]);
+                for (dst, &x) in row.iter_mut().zip(&t.a[p * n..(p + 1) * n]) {
+                    *dst += c * f64::from(x);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `||b @ a||_F` for `b` (`m x k`) and `a` (`k x n`), row-major, without
+/// building `b @ a`: with `b = Qb Xb` and `a^T = Qa Xa` (thin QR where that
+/// shrinks a side, else the factor itself), `||b a||_F = ||Xb Xa^T||_F`. Costs
+/// `O((m + n) k^2)`; accurate to about `eps * ||b||_F ||a||_F`, so unlike the
+/// Gram-matrix trace it also resolves norms that cancel far below the
+/// factors' own scale.
+///
+/// # Panics
+/// If `b.len() != m * k` or `a.len() != k * n`.
+pub fn frob_norm_factored(b: &[f32], a: &[f32], m: usize, k: usize, n: usize) -> f64 {
+    assert_eq!(b.len(), m * k, "b is not {m} x {k}");
+    assert_eq!(a.len(), k * n, "a is not {k} x {n}");
+    let bm = Mat::from_fn(m, k, |i, j| f64::from(b[i * k + j]));
+    let at = Mat::from_fn(n, k, |i, j| f64::from(a[j * n + i]));
+    frob_norm_cols(bm.as_ref(), at.as_ref())
+}
+
+/// `||b a||_F` where `b` is `m x k` and `at = a^T` is `n x k`.
+fn frob_norm_cols(b: MatRef<f64>, at: MatRef<f64>) -> f64 {
+    if b.ncols() == 0 {
+        return 0.0;
+    }
+    let xb = shrink(b);
+    let xa = shrink(at);
+    mul(xb.as_ref(), xa.as_ref().transpose()).norm_l2()
+}
+
+/// `y` with `x = Q y` for some `Q` with orthonormal columns and at most
+/// `x.ncols()` rows: the `R` of a tall `x`, else `x` itself.
+fn shrink(x: MatRef<f64>) -> Mat<f64> {
+    if x.nrows() > x.ncols() {
+        householder_qr(x.to_owned()).r
+    } else {
+        x.to_owned()
+    }
+}
+
+/// The size below which singular values of `b a^T` (`b` is `m x k`, `at` is
+/// `n x k`) are indistinguishable from the rounding of computing them.
+fn noise_floor(b: MatRef<f64>, at: MatRef<f64>) -> f64 {
+    let size = b.nrows().max(at.nrows()).max(b.ncols()) as f64;
+    f64::EPSILON * size * b.norm_l2() * at.norm_l2()
+}
+
+/// Checks every term against `m x n` and returns `k = sum of ranks`.
+fn check_terms(m: usize, n: usize, terms: &[Term]) -> usize {
+    for (i, t) in terms.iter().enumerate() {
+        assert_eq!(
+            t.a.len(),
+            t.rank * n,
+            "term {i}: A has {} values, expected {} x {n}",
+            t.a.len(),
+            t.rank
+        );
+        assert_eq!(
+            t.b.len(),
+            m * t.rank,
+            "term {i}: B has {} values, expected {m} x {}",
+            t.b.len(),
+            t.rank
+        );
+    }
+    terms.iter().map(|t| t.rank).sum()
+}
+
+fn check_finite(terms: &[Term]) -> Result<(), String> {
+    for (i, t) in terms.iter().enumerate() {
+        if !(t.weight * t.scale).is_finite() {
+            return Err(format!(
+                "term {i}: weight {} * scale {} is not finite",
+                t.weight, t.scale
+            ));
+        }
+        if t.a.iter().any(|x| !x.is_finite()) {
+            return Err(format!("term {i}: A contains NaN or infinity"));
+        }
+        if t.b.iter().any(|x| !x.is_finite()) {
+            return Err(format!("term {i}: B contains NaN or infinity"));
+        }
+    }
+    Ok(())
+}
+
+/// `B'`: the columns of every `B_i`, `m x k`.
+fn stacked_b(m: usize, terms: &[Term]) -> Mat<f64> {
+    let k: usize = terms.iter().map(|t| t.rank).sum();
+    let mut out = Mat::zeros(m, k);
+    let mut offset = 0;
+    for t in terms {
+        for p in 0..t.rank {
+            let mut col = out.col_mut(offset + p);
+            for i in 0..m {
+                col[i] = f64::from(t.b[i * t.rank + p]);
+            }
+        }
+        offset += t.rank;
+    }
+    out
+}
+
+/// `A'^T`: the rows of every `w_i s_i A_i` as columns, `n x k`.
+fn stacked_at(n: usize, terms: &[Term]) -> Mat<f64> {
+    let k: usize = terms.iter().map(|t| t.rank).sum();
+    let mut out = Mat::zeros(n, k);
+    let mut offset = 0;
+    for t in terms {
+        let ws = t.weight * t.scale;
+        for p in 0..t.rank {
+            let mut col = out.col_mut(offset + p);
+            for (j, &x) in t.a[p * n..(p + 1) * n].iter().enumerate() {
+                col[j] = ws * f64::from(x);
+            }
+        }
+        offset += t.rank;
+    }
+    out
+}
+
+fn mul(lhs: MatRef<f64>, rhs: MatRef<f64>) -> Mat<f64> {
+    let mut out = Mat::zeros(lhs.nrows(), rhs.ncols());
+    matmul(out.as_mut(), Accum::Replace, lhs, rhs, 1.0, Par::Seq);
+    out
+}
+
+/// Householder QR of a tall matrix (`rows >= cols >= 1`), Q kept implicit.
+struct HouseholderQr {
+    /// Unit lower-trapezoidal Householder vectors, `rows x cols`.
+    basis: Mat<f64>,
+    /// Block reflector coefficients.
+    coeff: Mat<f64>,
+    /// Upper triangular, `cols x cols`.
+    r: Mat<f64>,
+}
+
+fn householder_qr(mut qr: Mat<f64>) -> HouseholderQr {
+    let (rows, cols) = qr.shape();
+    debug_assert!(rows >= cols && cols >= 1);
+    let block = recommended_block_size::<f64>(rows, cols);
+    let mut coeff = Mat::zeros(block, cols);
+    qr_in_place(
+        qr.as_mut(),
+        coeff.as_mut(),
+        Par::Seq,
+        MemStack::new(&mut MemBuffer::new(qr_in_place_scratch::<f64>(
+            rows,
+            cols,
+            block,
+            Par::Seq,
+            Default::default(),
+        ))),
+        Default::default(),
+    );
+    let r = Mat::from_fn(cols, cols, |i, j| if i <= j { qr[(i, j)] } else { 0.0 });
+    // faer leaves the vectors' unit leading entries implicit and R on top;
+    // make the basis explicit.
+    let basis = Mat::from_fn(rows, cols, |i, j| match i.cmp(&j) {
+        std::cmp::Ordering::Less => 0.0,
+        std::cmp::Ordering::Equal => 1.0,
+        std::cmp::Ordering::Greater => qr[(i, j)],
+    });
+    HouseholderQr { basis, coeff, r }
+}
+
+/// Thin QR of a tall matrix (`rows >= cols >= 1`): `Q` is `rows x cols` with
+/// orthonormal columns, `R` is `cols x cols` upper triangular.
+fn thin_qr(mat: Mat<f64>) -> (Mat<f64>, Mat<f64>) {
+    let (rows, cols) = mat.shape();
+    let qr = householder_qr(mat);
+    let mut q = Mat::identity(rows, cols);
+    apply_block_householder_sequence_on_the_left_in_place_with_conj(
+        qr.basis.as_ref(),
+        qr.coeff.as_ref(),
+        Conj::No,
+        q.as_mut(),
+        Par::Seq,
+        MemStack::new(&mut MemBuffer::new(
+            apply_block_householder_sequence_on_the_left_in_place_scratch::<f64>(
+                rows,
+                qr.coeff.nrows(),
+                cols,
+            ),
+        )),
+    );
+    (q, qr.r)
+}
+
+/// Thin SVD `mat = U diag(s) V^T`, singular values non-increasing.
+fn thin_svd(mat: MatRef<f64>) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>), String> {
+    let (rows, cols) = mat.shape();
+    let size = rows.min(cols);
+    let mut u = Mat::zeros(rows, size);
+    let mut v = Mat::zeros(cols, size);
+    let mut s = Diag::zeros(size);
+    faer_svd(
+        mat,
+        s.as_mut(),
+        Some(u.as_mut()),
+        Some(v.as_mut()),
+        Par::Seq,
+        MemStack::new(&mut MemBuffer::new(svd_scratch::<f64>(
+            rows,
+            cols,
+            ComputeSvdVectors::Thin,
+            ComputeSvdVectors::Thin,
+            Par::Seq,
+            Default::default(),
+        ))),
+        Default::default(),
+    )
+    .map_err(|e| format!("the SVD of a {rows} x {cols} matrix failed: {e:?}"))?;
+    let s = s.column_vector().iter().copied().collect();
+    Ok((u, s, v))
+}
+
+/// Keeps the top `rank` singular triplets of `(left u) diag(s) (right v)^T`
+/// and splits `s` evenly between the factors. Singular values at or below
+/// `noise` count as zero.
+fn truncate(
+    left: Option<MatRef<f64>>,
+    right: Option<MatRef<f64>>,
+    u: Mat<f64>,
+    s: Vec<f64>,
+    v: Mat<f64>,
+    rank: usize,
+    noise: f64,
+) -> Factored {
+    let s: Vec<f64> = s
+        .into_iter()
+        .map(|x| if x > noise { x } else { 0.0 })
+        .collect();
+    let r = rank.min(s.len());
+    let kept: f64 = s[..r].iter().map(|x| x * x).sum();
+    // Summed from the tail, not as total - kept, so a small error is not lost
+    // to cancellation.
+    let discarded: f64 = s[r..].iter().map(|x| x * x).sum();
+    let total = kept + discarded;
+    let (rel_error, energy) = if total > 0.0 {
+        ((discarded / total).sqrt(), kept / total)
+    } else {
+        (0.0, 1.0)
+    };
+    let root: Vec<f64> = s[..r].iter().map(|x| x.sqrt()).collect();
+    let us = Mat::from_fn(u.nrows(), r, |i, j| u[(i, j)] * root[j]);
+    let vs = Mat::from_fn(v.nrows(), r, |i, j| v[(i, j)] * root[j]);
+    let bm = match left {
+        Some(q) => mul(q, us.as_ref()),
+        None => us,
+    };
+    let at = match right {
+        Some(q) => mul(q, vs.as_ref()),
+        None => vs,
+    };
+    let (m, n) = (bm.nrows(), at.nrows());
+    let mut b = vec![0.0f32; m * r];
+    for j in 0..r {
+        for i in 0..m {
+            b[i * r + j] = bm[(i, j)] as f32;
+        }
+    }
+    let mut a = vec![0.0f32; r * n];
+    for (j, row) in a.chunks_exact_mut(n).enumerate().take(r) {
+        for (i, dst) in row.iter_mut().enumerate() {
+            *dst = at[(i, j)] as f32;
+        }
+    }
+    Factored {
+        rank: r,
+        a,
+        b,
+        rel_error,
+        energy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// splitmix64: deterministic fixtures without a crate.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in [-1, 1).
+        fn value(&mut self) -> f32 {
+            ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+
+        fn values(&mut self, len: usize) -> Vec<f32> {
+            (0..len).map(|_| self.value()).collect()
+        }
+    }
+
+    /// One adapter's factors; `scale` is alpha / rank with alpha != rank.
+    struct Adapter {
+        rank: usize,
+        scale: f64,
+        a: Vec<f32>,
+        b: Vec<f32>,
+    }
+
+    fn adapter(rng: &mut Rng, m: usize, n: usize, rank: usize, alpha: f64) -> Adapter {
+        Adapter {
+            rank,
+            scale: alpha / rank as f64,
+            a: rng.values(rank * n),
+            b: rng.values(m * rank),
+        }
+    }
+
+    fn terms<'a>(adapters: &'a [Adapter], weights: &[f64]) -> Vec<Term<'a>> {
+        adapters
+            .iter()
+            .zip(weights)
+            .map(|(ad, &weight)| Term {
+                weight,
+                scale: ad.scale,
+                rank: ad.rank,
+                a: &ad.a,
+                b: &ad.b,
+            })
+            .collect()
+    }
+
+    /// `b @ a` in f64 from the f32 factors, `m x n` row-major.
+    fn product(f: &Factored, m: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for p in 0..f.rank {
+                let c = f64::from(f.b[i * f.rank + p]);
+                for j in 0..n {
+                    out[i * n + j] += c * f64::from(f.a[p * n + j]);
+                }
+            }
+        }
+        out
+    }
+
+    fn norm(x: &[f64]) -> f64 {
+        x.iter().map(|v| v * v).sum::<f64>().sqrt()
+    }
+
+    fn rel_diff(x: &[f64], reference: &[f64]) -> f64 {
+        let diff: Vec<f64> = x.iter().zip(reference).map(|(a, b)| a - b).collect();
+        norm(&diff) / norm(reference)
+    }
+
+    /// Singular values of a dense row-major matrix, through faer's dense SVD
+    /// (not the factored path under test).
+    fn dense_singular_values(d: &[f64], m: usize, n: usize) -> Vec<f64> {
+        let mat = Mat::from_fn(m, n, |i, j| d[i * n + j]);
+        thin_svd(mat.as_ref()).unwrap().1
+    }
+
+    /// Eckart–Young: the optimal relative error of a rank-`r` approximation.
+    fn optimal_rel_error(s: &[f64], r: usize) -> f64 {
+        let total: f64 = s.iter().map(|x| x * x).sum();
+        let tail: f64 = s[r.min(s.len())..].iter().map(|x| x * x).sum();
+        (tail / total).sqrt()
+    }
+
+    /// Three adapters of ranks 2, 3, 4 (k = 9), alpha != rank, one negative
+    /// weight.
+    fn three(rng: &mut Rng, m: usize, n: usize) -> Vec<Adapter> {
+        vec![
+            adapter(rng, m, n, 2, 16.0),
+            adapter(rng, m, n, 3, 5.0),
+            adapter(rng, m, n, 4, 32.0),
+        ]
+    }
+    const WEIGHTS: [f64; 3] = [0.3, -0.7, 1.2];
+
+    // Every output factor is rounded to f32 once (relative 2^-24 ~ 6e-8);
+    // products of k <= 9 such terms with mild cancellation stay within a few
+    // 1e-7 of the f64 reference, so 1e-6 leaves a safe margin while still
+    // catching any real mistake (a wrong scale is off by O(1)).
+    const F32_TOL: f64 = 1e-6;
+    // Quantities computed entirely in f64 from the same inputs agree to
+    // roundoff (~1e-14 here); 1e-9 is loose for that and far below anything
+    // meaningful.
+    const F64_TOL: f64 = 1e-9;
+
+    #[test]
+    fn exact_matches_dense_reference() {
+        let (m, n) = (7, 5);
+        let mut rng = Rng(1);
+        let ads = three(&mut rng, m, n);
+        let ts = terms(&ads, &WEIGHTS);
+        let f = exact(m, n, &ts);
+        assert_eq!(f.rank, 9);
+        assert_eq!((f.a.len(), f.b.len()), (9 * n, m * 9));
+        assert_eq!((f.rel_error, f.energy), (0.0, 1.0));
+        let reference = dense(m, n, &ts);
+        assert!(rel_diff(&product(&f, m, n), &reference) < F32_TOL);
+        // Lossless, entry by entry too (relative to the largest entry, since
+        // single entries may cancel to near zero).
+        let max = reference.iter().fold(0.0f64, |acc, x| acc.max(x.abs()));
+        for (x, r) in product(&f, m, n).iter().zip(&reference) {
+            assert!((x - r).abs() / max < F32_TOL);
+        }
+    }
+
+    #[test]
+    fn dense_matches_hand_computed_value() {
+        // 1x1 with rank 2: delta = w * s * (b0 a0 + b1 a1).
+        let a = [2.0f32, 3.0];
+        let b = [5.0f32, 7.0];
+        let t = Term {
+            weight: 0.5,
+            scale: 4.0 / 2.0,
+            rank: 2,
+            a: &a,
+            b: &b,
+        };
+        assert_eq!(dense(1, 1, &[t]), vec![0.5 * 2.0 * (10.0 + 21.0)]);
+    }
+
+    #[test]
+    fn weight_and_scale_are_applied_once() {
+        let (m, n) = (6, 4);
+        let mut rng = Rng(2);
+        let ads = vec![adapter(&mut rng, m, n, 3, 12.0)]; // scale 4
+        let ts = terms(&ads, &[0.25]); // weight * scale = 1
+        let plain: Vec<f64> = {
+            let t = Term {
+                weight: 1.0,
+                scale: 1.0,
+                ..ts[0]
+            };
+            dense(m, n, &[t])
+        };
+        // exact puts w s on A, leaves B as it is.
+        let f = exact(m, n, &ts);
+        assert_eq!(f.b, ads[0].b);
+        assert_eq!(f.a, ads[0].a);
+        // With w s = 3 it is visible in A only.
+        let ts3 = terms(&ads, &[0.75]);
+        let f3 = exact(m, n, &ts3);
+        assert_eq!(f3.b, ads[0].b);
+        for (x, y) in f3.a.iter().zip(&ads[0].a) {
+            assert_eq!(*x, (f64::from(*y) * 3.0) as f32);
+        }
+        let tripled: Vec<f64> = plain.iter().map(|x| 3.0 * x).collect();
+        assert!(rel_diff(&product(&f3, m, n), &tripled) < F32_TOL);
+        let s = svd(m, n, &ts3, 3).unwrap();
+        assert!(rel_diff(&product(&s, m, n), &tripled) < F32_TOL);
+        let l = linear(m, n, &ts3).unwrap();
+        assert!(rel_diff(&product(&l, m, n), &tripled) < F32_TOL);
+        assert!(l.rel_error < F32_TOL);
+    }
+
+    /// Checks an svd result against the dense optimum for every rank.
+    fn check_svd_against_dense(m: usize, n: usize, ts: &[Term]) {
+        let reference = dense(m, n, ts);
+        let sv = dense_singular_values(&reference, m, n);
+        let k: usize = ts.iter().map(|t| t.rank).sum();
+        let attainable = k.min(m).min(n);
+        for r in 1..=attainable + 2 {
+            let f = svd(m, n, ts, r).unwrap();
+            assert_eq!(f.rank, r.min(attainable), "rank {r}");
+            assert_eq!((f.a.len(), f.b.len()), (f.rank * n, m * f.rank));
+            let optimal = optimal_rel_error(&sv, r);
+            assert!(
+                (f.rel_error - optimal).abs() < F64_TOL,
+                "rank {r}: rel_error {} vs optimum {optimal}",
+                f.rel_error
+            );
+            assert!((f.energy - (1.0 - optimal * optimal)).abs() < F64_TOL);
+            // The factors really achieve the reported (optimal) error.
+            let achieved = rel_diff(&product(&f, m, n), &reference);
+            assert!(
+                (achieved - f.rel_error).abs() < F32_TOL,
+                "rank {r}: achieved {achieved} vs reported {}",
+                f.rel_error
+            );
+            // Balanced split: column j of b and row j of a both have squared
+            // norm s_j.
+            for j in 0..f.rank {
+                let bj: f64 = (0..m).map(|i| f64::from(f.b[i * f.rank + j]).powi(2)).sum();
+                let aj: f64 = f.a[j * n..(j + 1) * n]
+                    .iter()
+                    .map(|&x| f64::from(x).powi(2))
+                    .sum();
+                assert!((bj - sv[j]).abs() / sv[0] < F32_TOL, "b col {j}");
+                assert!((aj - sv[j]).abs() / sv[0] < F32_TOL, "a row {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn svd_factored_branch_is_optimal() {
+        // k = 9 < min(40, 30): QR + core SVD.
+        let (m, n) = (40, 30);
+        let mut rng = Rng(3);
+        let ads = three(&mut rng, m, n);
+        check_svd_against_dense(m, n, &terms(&ads, &WEIGHTS));
+    }
+
+    #[test]
+    fn svd_dense_branch_is_optimal() {
+        // k = 9 >= min(6, 20): dense SVD. Both orientations.
+        let mut rng = Rng(4);
+        let ads = three(&mut rng, 6, 20);
+        check_svd_against_dense(6, 20, &terms(&ads, &WEIGHTS));
+        let ads = three(&mut rng, 20, 6);
+        check_svd_against_dense(20, 6, &terms(&ads, &WEIGHTS));
+        // k == min(m, n) exactly.
+        let ads = three(&mut rng, 9, 12);
+        check_svd_against_dense(9, 12, &terms(&ads, &WEIGHTS));
+    }
+
+    #[test]
+    fn svd_branches_agree() {
+        // Same delta just below and at the branch point: the top singular
+        // triplets agree, so the rank-4 products agree.
+        let (m, n) = (10, 40);
+        let mut rng = Rng(5);
+        let ads = three(&mut rng, m, n); // k = 9 < 10: factored
+        let ts = terms(&ads, &WEIGHTS);
+        let factored = svd(m, n, &ts, 4).unwrap();
+        // Same delta with an all-zero extra term pushes k to 10: dense.
+        let zero_a = vec![0.0f32; n];
+        let zero_b = vec![0.0f32; m];
+        let mut ts_dense = ts.clone();
+        ts_dense.push(Term {
+            weight: 1.0,
+            scale: 2.0,
+            rank: 1,
+            a: &zero_a,
+            b: &zero_b,
+        });
+        let dense_path = svd(m, n, &ts_dense, 4).unwrap();
+        assert!((factored.rel_error - dense_path.rel_error).abs() < F64_TOL);
+        let pf = product(&factored, m, n);
+        assert!(rel_diff(&product(&dense_path, m, n), &pf) < F32_TOL);
+    }
+
+    #[test]
+    fn svd_with_full_rank_is_lossless() {
+        let (m, n) = (40, 30);
+        let mut rng = Rng(6);
+        let ads = three(&mut rng, m, n);
+        let ts = terms(&ads, &WEIGHTS);
+        let reference = dense(m, n, &ts);
+        for r in [9, 10, 100] {
+            let f = svd(m, n, &ts, r).unwrap();
+            assert_eq!(f.rank, 9);
+            assert_eq!((f.rel_error, f.energy), (0.0, 1.0));
+            assert!(rel_diff(&product(&f, m, n), &reference) < F32_TOL);
+        }
+    }
+
+    /// PEFT's linear combination written out on dense matrices, as a check
+    /// on the factored version: A = sum sqrt(w s) A_i, B = sum sqrt(w s) B_i,
+    /// delta = B A (scale 1).
+    fn peft_linear_dense(m: usize, n: usize, ts: &[Term]) -> Vec<f64> {
+        let r = ts[0].rank;
+        let mut a = vec![0.0f64; r * n];
+        let mut b = vec![0.0f64; m * r];
+        for t in ts {
+            let c = (t.weight * t.scale).sqrt();
+            for (i, x) in t.a.iter().enumerate() {
+                a[i] += c * f64::from(*x);
+            }
+            for (i, x) in t.b.iter().enumerate() {
+                b[i] += c * f64::from(*x);
+            }
+        }
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for p in 0..r {
+                for j in 0..n {
+                    out[i * n + j] += b[i * r + p] * a[p * n + j];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn linear_matches_peft_formula() {
+        let (m, n) = (12, 9);
+        let mut rng = Rng(7);
+        let ads = vec![
+            adapter(&mut rng, m, n, 4, 8.0),
+            adapter(&mut rng, m, n, 4, 3.0),
+            adapter(&mut rng, m, n, 4, 16.0),
+        ];
+        let ts = terms(&ads, &[0.5, 0.2, 0.3]);
+        let f = linear(m, n, &ts).unwrap();
+        assert_eq!(f.rank, 4);
+        assert_eq!(f.energy, 1.0);
+        let expected = peft_linear_dense(m, n, &ts);
+        assert!(rel_diff(&product(&f, m, n), &expected) < F32_TOL);
+        // rel_error is the distance to the exact sum, and it is not small:
+        // the cross terms are what separates linear from exact.
+        let exact_sum = dense(m, n, &ts);
+        let direct = rel_diff(&expected, &exact_sum);
+        assert!(direct > 0.1, "{direct}");
+        assert!(
+            (f.rel_error - direct).abs() < F32_TOL,
+            "{} vs {direct}",
+            f.rel_error
+        );
+    }
+
+    #[test]
+    fn linear_rejects_unequal_ranks() {
+        let mut rng = Rng(8);
+        let ads = vec![
+            adapter(&mut rng, 5, 4, 2, 8.0),
+            adapter(&mut rng, 5, 4, 3, 8.0),
+        ];
+        let err = linear(5, 4, &terms(&ads, &[0.5, 0.5])).unwrap_err();
+        assert!(err.contains("rank 2 and rank 3"), "{err}");
+    }
+
+    #[test]
+    fn linear_rejects_negative_weight() {
+        let mut rng = Rng(9);
+        let ads = vec![
+            adapter(&mut rng, 5, 4, 2, 8.0),
+            adapter(&mut rng, 5, 4, 2, 8.0),
+        ];
+        let err = linear(5, 4, &terms(&ads, &[0.5, -0.5])).unwrap_err();
+        assert!(err.contains("term 1") && err.contains("negative"), "{err}");
+    }
+
+    #[test]
+    fn negative_weights_cancel_exactly() {
+        // The same adapter added and subtracted: the exact delta is zero.
+        let (m, n) = (30, 20);
+        let mut rng = Rng(10);
+        let ads = vec![adapter(&mut rng, m, n, 3, 7.0)];
+        let t = terms(&ads, &[0.8])[0];
+        let ts = [t, Term { weight: -0.8, ..t }];
+        let e = exact(m, n, &ts);
+        assert!(product(&e, m, n).iter().all(|&x| x.abs() < 1e-12));
+        for r in [1, 3, 6] {
+            let f = svd(m, n, &ts, r).unwrap();
+            assert!(product(&f, m, n).iter().all(|&x| x.abs() < 1e-12));
+            // Zero delta: nothing to lose.
+            assert!(
+                f.rel_error < F64_TOL && (f.energy - 1.0).abs() < F64_TOL,
+                "{f:?}"
+            );
+        }
+        // A negative weight with no cancellation: svd matches the optimum.
+        let ads = three(&mut rng, m, n);
+        check_svd_against_dense(m, n, &terms(&ads, &[-0.5, -1.0, 0.25]));
+    }
+
+    #[test]
+    fn zero_adapter() {
+        // PEFT initialises B to zero: a freshly created adapter is a zero
+        // delta.
+        let (m, n) = (16, 12);
+        let mut rng = Rng(11);
+        let mut ads = vec![
+            adapter(&mut rng, m, n, 4, 8.0),
+            adapter(&mut rng, m, n, 4, 8.0),
+        ];
+        ads.iter_mut().for_each(|ad| ad.b.fill(0.0));
+        let ts = terms(&ads, &[0.5, 0.5]);
+        let e = exact(m, n, &ts);
+        assert!(product(&e, m, n).iter().all(|&x| x == 0.0));
+        let s = svd(m, n, &ts, 4).unwrap();
+        assert_eq!(s.rank, 4);
+        assert!(s.b.iter().chain(&s.a).all(|&x| x == 0.0));
+        assert_eq!((s.rel_error, s.energy), (0.0, 1.0));
+        let l = linear(m, n, &ts).unwrap();
+        assert!(product(&l, m, n).iter().all(|&x| x == 0.0));
+        assert_eq!(l.rel_error, 0.0);
+        // One zero adapter next to a real one changes nothing.
+        let real = adapter(&mut rng, m, n, 4, 8.0);
+        let ts = [ts[0], terms(std::slice::from_ref(&real), &[0.5])[0]];
+        let reference = dense(m, n, &ts);
+        let s = svd(m, n, &ts, 4).unwrap();
+        assert!(s.rel_error < F64_TOL);
+        assert!(rel_diff(&product(&s, m, n), &reference) < F32_TOL);
+    }
+
+    #[test]
+    fn no_terms() {
+        assert_eq!(exact(4, 3, &[]).rank, 0);
+        assert_eq!(svd(4, 3, &[], 2).unwrap().rank, 0);
+        assert_eq!(linear(4, 3, &[]).unwrap().rank, 0);
+    }
+
+    #[test]
+    fn svd_rejects_non_finite_input() {
+        let mut rng = Rng(12);
+        let mut ads = vec![adapter(&mut rng, 8, 6, 2, 8.0)];
+        ads[0].a[3] = f32::NAN;
+        let err = svd(8, 6, &terms(&ads, &[1.0]), 2).unwrap_err();
+        assert!(err.contains("term 0: A"), "{err}");
+    }
+
+    #[test]
+    fn frob_norm_factored_matches_dense() {
+        let (m, k, n) = (11, 5, 7);
+        let mut rng = Rng(13);
+        let b = rng.values(m * k);
+        let a = rng.values(k * n);
+        let t = Term {
+            weight: 1.0,
+            scale: 1.0,
+            rank: k,
+            a: &a,
+            b: &b,
+        };
+        let expected = norm(&dense(m, n, &[t]));
+        assert!((frob_norm_factored(&b, &a, m, k, n) - expected).abs() / expected < F64_TOL);
+    }
+
+    /// `cargo test --no-default-features --lib svd_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn svd_timing() {
+        let (m, n) = (4096, 4096);
+        let mut rng = Rng(14);
+        let ads: Vec<Adapter> = (0..4).map(|_| adapter(&mut rng, m, n, 16, 32.0)).collect();
+        let ts = terms(&ads, &[0.25; 4]);
+        let start = std::time::Instant::now();
+        let f = svd(m, n, &ts, 16).unwrap();
+        let elapsed = start.elapsed();
+        eprintln!(
+            "svd {m}x{n}, k=64 -> rank 16: {elapsed:?} (rel_error {:.4})",
+            f.rel_error
+        );
+        assert!(elapsed.as_secs_f64() < 1.0);
+    }
+}

@@ -1,0 +1,168 @@
+//! The one merge path: an AdapterSet, one weight per (module, adapter), and a
+//! method. `uniform` and `fit` differ only in where the weights come from.
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::math::{self, Factored, Term};
+use crate::adapter::{AdapterSet, ModuleKind};
+use crate::{Error, Result};
+
+/// How the weighted sum becomes one adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "name", rename_all = "lowercase")]
+pub enum Method {
+    Exact,
+    Svd { rank: usize },
+    Linear,
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Exact => "exact",
+            Method::Svd { .. } => "svd",
+            Method::Linear => "linear",
+        }
+    }
+}
+
+/// One number per (module, adapter). A global vector applies to every
+/// module; per-module rows (from `fit`) override it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Weights {
+    pub global: Vec<f64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_module: BTreeMap<String, Vec<f64>>,
+}
+
+impl Weights {
+    /// 1/N each, or the user's weights (checked against N).
+    pub fn uniform(n: usize, given: &[f64]) -> Result<Weights> {
+        if n == 0 {
+            return Err(Error::Usage(
+                "no adapters given; pass --adapters or --adapters-file".into(),
+            ));
+        }
+        let global = if given.is_empty() {
+            vec![1.0 / n as f64; n]
+        } else if given.len() != n {
+            return Err(Error::Usage(format!(
+                "--weights has {} values but {} adapters were given; pass one weight per adapter, in order",
+                given.len(),
+                n
+            )));
+        } else {
+            if let Some(w) = given.iter().find(|w| !w.is_finite()) {
+                return Err(Error::Usage(format!(
+                    "--weights: {w} is not a finite number"
+                )));
+            }
+            given.to_vec()
+        };
+        Ok(Weights {
+            global,
+            per_module: BTreeMap::new(),
+        })
+    }
+
+    pub fn for_module(&self, module: &str) -> &[f64] {
+        self.per_module
+            .get(module)
+            .map(Vec::as_slice)
+            .unwrap_or(&self.global)
+    }
+}
+
+/// One module of the merged adapter, with scale 1 (delta = b @ a).
+#[derive(Debug)]
+pub struct MergedModule {
+    pub name: String,
+    pub kind: ModuleKind,
+    pub fan_out: usize,
+    pub fan_in: usize,
+    /// Indices of the adapters that adapt this module.
+    pub sources: Vec<usize>,
+    pub factored: Factored,
+}
+
+/// Merge every module of the set. Modules are independent, so they run in
+/// parallel; each decodes its factors from the memory maps only when it runs,
+/// which keeps peak memory near the output size.
+pub fn merge(
+    set: &AdapterSet,
+    weights: &Weights,
+    method: Method,
+    on_module_done: &(dyn Fn() + Sync),
+) -> Result<Vec<MergedModule>> {
+    let names: Vec<&String> = set
+        .adapters
+        .iter()
+        .flat_map(|a| a.modules.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    names
+        .par_iter()
+        .map(|name| {
+            let out = merge_module(set, weights, method, name);
+            on_module_done();
+            out
+        })
+        .collect()
+}
+
+fn merge_module(
+    set: &AdapterSet,
+    weights: &Weights,
+    method: Method,
+    name: &str,
+) -> Result<MergedModule> {
+    let w = weights.for_module(name);
+    let mut sources = Vec::new();
+    let mut decoded = Vec::new();
+    let mut first = None;
+    for (i, adapter) in set.adapters.iter().enumerate() {
+        if let Some(m) = adapter.modules.get(name) {
+            first.get_or_insert(m);
+            sources.push(i);
+            decoded.push((w[i], m.scale, m.rank, m.a.to_f32(), m.b.to_f32()));
+        }
+    }
+    let first = first.ok_or_else(|| Error::Internal(format!("module {name} has no adapter")))?;
+    let (m, n) = (first.fan_out, first.fan_in);
+    let terms: Vec<Term> = decoded
+        .iter()
+        .map(|(weight, scale, rank, a, b)| Term {
+            weight: *weight,
+            scale: *scale,
+            rank: *rank,
+            a,
+            b,
+        })
+        .collect();
+    let factored = match method {
+        Method::Exact => math::exact(m, n, &terms),
+        Method::Svd { rank } => math::svd(m, n, &terms, rank).map_err(|why| Error::Invalid {
+            file: set.adapters[sources[0]]
+                .files
+                .last()
+                .map(|f| f.path.clone())
+                .unwrap_or_default(),
+            msg: format!("module {name}: {why}"),
+        })?,
+        Method::Linear => math::linear(m, n, &terms).map_err(|why| {
+            Error::Incompatible(format!("--method linear cannot merge module {name}: {why}"))
+        })?,
+    };
+    Ok(MergedModule {
+        name: name.to_string(),
+        kind: first.kind.clone(),
+        fan_out: m,
+        fan_in: n,
+        sources,
+        factored,
+    })
+}

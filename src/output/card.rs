@@ -1,0 +1,88 @@
+//! README.md model card with Hub front matter. Deterministic: no timestamps
+//! (those live in the manifest), so identical merges give identical cards.
+
+use std::fmt::Write;
+
+/// One merged input as the card lists it.
+pub struct CardInput {
+    pub given: String,
+    pub weight: f64,
+    pub rank: String,
+    pub alpha: String,
+    pub rslora: bool,
+    pub weights_sha256: String,
+}
+
+pub struct Card<'a> {
+    pub base_model: Option<&'a str>,
+    pub method: &'a str,
+    pub method_note: &'a str,
+    pub inputs: Vec<CardInput>,
+    pub modules: usize,
+    pub command: &'a str,
+    pub adapter_sha256: &'a str,
+}
+
+fn yaml_str(s: &str) -> String {
+    // JSON strings are valid YAML double-quoted scalars.
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+impl Card<'_> {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "---");
+        let _ = writeln!(s, "library_name: peft");
+        if let Some(base) = self.base_model {
+            let _ = writeln!(s, "base_model: {}", yaml_str(base));
+        }
+        let _ = writeln!(s, "tags:\n- lora\n- peft\n- lora-merge\n- merge");
+        let _ = writeln!(s, "---\n");
+        let _ = writeln!(s, "# Merged LoRA adapter\n");
+        let _ =
+            writeln!(
+            s,
+            "A merge of {} LoRA adapters{} made with lora-merge {} (method `{}`, {} modules). {}\n",
+            self.inputs.len(),
+            self.base_model.map(|b| format!(" for `{b}`")).unwrap_or_default(),
+            env!("CARGO_PKG_VERSION"),
+            self.method,
+            self.modules,
+            self.method_note
+        );
+        let _ = writeln!(s, "## Inputs\n");
+        let _ = writeln!(
+            s,
+            "| # | adapter | weight | rank | alpha | rsLoRA | weights sha256 |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for (i, inp) in self.inputs.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "| {} | `{}` | {} | {} | {} | {} | `{}` |",
+                i,
+                inp.given.replace('|', "\\|"),
+                inp.weight,
+                inp.rank,
+                inp.alpha,
+                if inp.rslora { "yes" } else { "no" },
+                inp.weights_sha256
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nMerged weights: `adapter_model.safetensors` sha256 `{}`.",
+            self.adapter_sha256
+        );
+        let _ = writeln!(
+            s,
+            "Full provenance (files, hashes, per-module error): `merge_manifest.json`.\n"
+        );
+        let _ = writeln!(s, "## Reproduce\n\n```sh\n{}\n```\n", self.command);
+        let _ = writeln!(
+            s,
+            "## Use\n\n```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"path/to/this/adapter\")\n```"
+        );
+        s
+    }
+}

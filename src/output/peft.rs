@@ -1,0 +1,131 @@
+//! The merged adapter in PEFT's layout: `adapter_model.safetensors` and
+//! `adapter_config.json`. This is the only place that spells PEFT key names
+//! for output.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+use super::safetensors::OutTensor;
+use crate::adapter::{DType, ModuleKind};
+use crate::compose::merge::MergedModule;
+
+const PREFIX: &str = "base_model.model.";
+
+/// The tensors of the merged adapter, keyed by PEFT name, shapes restored
+/// (conv kernels, embedding naming).
+pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTensor> {
+    let mut out = BTreeMap::new();
+    for m in modules {
+        let r = m.factored.rank;
+        let (a_shape, b_shape, a_key, b_key) = match &m.kind {
+            ModuleKind::Linear => (
+                vec![r, m.fan_in],
+                vec![m.fan_out, r],
+                "lora_A.weight",
+                "lora_B.weight",
+            ),
+            ModuleKind::Conv { kernel } => {
+                let mut a = vec![r];
+                a.extend_from_slice(kernel);
+                let mut b = vec![m.fan_out, r];
+                b.extend(std::iter::repeat_n(1, kernel.len().saturating_sub(1)));
+                (a, b, "lora_A.weight", "lora_B.weight")
+            }
+            ModuleKind::Embedding => (
+                vec![r, m.fan_in],
+                vec![m.fan_out, r],
+                "lora_embedding_A",
+                "lora_embedding_B",
+            ),
+        };
+        out.insert(
+            format!("{PREFIX}{}.{a_key}", m.name),
+            OutTensor::from_f32(&m.factored.a, a_shape, dtype),
+        );
+        out.insert(
+            format!("{PREFIX}{}.{b_key}", m.name),
+            OutTensor::from_f32(&m.factored.b, b_shape, dtype),
+        );
+    }
+    out
+}
+
+/// What the merged config copies from the inputs when they agree.
+pub struct ConfigFacts {
+    pub base_model: Option<String>,
+    pub revision: Option<String>,
+    pub task_type: Option<String>,
+    pub fan_in_fan_out: bool,
+    /// The inputs' own target_modules, when every input has the same value
+    /// and every input adapts exactly the merged module set.
+    pub shared_target_modules: Option<Value>,
+}
+
+/// The most common module rank becomes `r` (ties: the smaller); every other
+/// module gets a rank_pattern entry. lora_alpha always equals the rank, so
+/// each module's scale is exactly 1 and the factors carry the whole delta.
+pub fn config(modules: &[MergedModule], facts: &ConfigFacts) -> Value {
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for m in modules {
+        *counts.entry(m.factored.rank).or_default() += 1;
+    }
+    let r = counts
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+        .map(|(r, _)| *r)
+        .unwrap_or(0);
+    let mut rank_pattern = Map::new();
+    let mut alpha_pattern = Map::new();
+    for m in modules.iter().filter(|m| m.factored.rank != r) {
+        // Full module paths: PEFT matches a pattern key as `(.*\.)?KEY$`, so
+        // a full path can only match its own module.
+        rank_pattern.insert(m.name.clone(), json!(m.factored.rank));
+        alpha_pattern.insert(m.name.clone(), json!(m.factored.rank));
+    }
+    let target_modules = facts.shared_target_modules.clone().unwrap_or_else(|| {
+        // Exact module paths: a list entry matches a module whose name equals
+        // it or ends with ".entry", so this adapts exactly what we wrote.
+        Value::Array(
+            modules
+                .iter()
+                .map(|m| Value::String(m.name.clone()))
+                .collect(),
+        )
+    });
+    let v = json!({
+        "alpha_pattern": alpha_pattern,
+        "base_model_name_or_path": facts.base_model,
+        "bias": "none",
+        "fan_in_fan_out": facts.fan_in_fan_out,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": rank_pattern,
+        "revision": facts.revision,
+        "target_modules": target_modules,
+        "task_type": facts.task_type,
+        "use_dora": false,
+        "use_rslora": false,
+    });
+    sort_keys(v)
+}
+
+/// Recursively sort object keys, as PEFT writes its configs.
+pub fn sort_keys(v: Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            let sorted: BTreeMap<String, Value> =
+                map.into_iter().map(|(k, v)| (k, sort_keys(v))).collect();
+            Value::Object(sorted.into_iter().collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
+}
