@@ -19,7 +19,7 @@ fn man_pages_are_current() {
     let mut cmd = lora_merge::cli::Cli::command();
     cmd.build();
     let mut pages = vec![("lora-merge.1".to_string(), render(cmd.clone()))];
-    for sub in cmd.get_subcommands() {
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
         let name = format!("lora-merge-{}", sub.get_name());
         pages.push((format!("{name}.1"), render(sub.clone().name(name))));
     }

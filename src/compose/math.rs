@@ -364,9 +364,9 @@ fn stacked_b(m: usize, terms: &[Term]) -> Mat<f64> {
     let mut offset = 0;
     for t in terms {
         for p in 0..t.rank {
-            let mut col = out.col_mut(offset + p);
-            for i in 0..m {
-                col[i] = f64::from(t.b[i * t.rank + p]);
+            let col = out.col_as_slice_mut(offset + p);
+            for (dst, row) in col.iter_mut().zip(t.b.chunks_exact(t.rank)) {
+                *dst = f64::from(row[p]);
             }
         }
         offset += t.rank;
@@ -382,9 +382,9 @@ fn stacked_at(n: usize, terms: &[Term]) -> Mat<f64> {
     for t in terms {
         let ws = t.weight * t.scale;
         for p in 0..t.rank {
-            let mut col = out.col_mut(offset + p);
-            for (j, &x) in t.a[p * n..(p + 1) * n].iter().enumerate() {
-                col[j] = ws * f64::from(x);
+            let col = out.col_as_slice_mut(offset + p);
+            for (dst, &x) in col.iter_mut().zip(&t.a[p * n..(p + 1) * n]) {
+                *dst = ws * f64::from(x);
             }
         }
         offset += t.rank;
@@ -426,14 +426,16 @@ fn householder_qr(mut qr: Mat<f64>) -> HouseholderQr {
         ))),
         Default::default(),
     );
-    let r = Mat::from_fn(cols, cols, |i, j| if i <= j { qr[(i, j)] } else { 0.0 });
+    let mut r = Mat::zeros(cols, cols);
+    r.as_mut()
+        .copy_from_triangular_upper(qr.as_ref().subrows(0, cols));
     // faer leaves the vectors' unit leading entries implicit and R on top;
     // make the basis explicit.
-    let basis = Mat::from_fn(rows, cols, |i, j| match i.cmp(&j) {
-        std::cmp::Ordering::Less => 0.0,
-        std::cmp::Ordering::Equal => 1.0,
-        std::cmp::Ordering::Greater => qr[(i, j)],
-    });
+    let mut basis = Mat::zeros(rows, cols);
+    basis
+        .as_mut()
+        .copy_from_strict_triangular_lower(qr.as_ref());
+    basis.as_mut().diagonal_mut().fill(1.0);
     HouseholderQr { basis, coeff, r }
 }
 
@@ -529,15 +531,13 @@ fn truncate(
     let (m, n) = (bm.nrows(), at.nrows());
     let mut b = vec![0.0f32; m * r];
     for j in 0..r {
-        for i in 0..m {
-            b[i * r + j] = bm[(i, j)] as f32;
+        for (i, &x) in bm.col_as_slice(j).iter().enumerate() {
+            b[i * r + j] = x as f32;
         }
     }
-    let mut a = vec![0.0f32; r * n];
-    for (j, row) in a.chunks_exact_mut(n).enumerate().take(r) {
-        for (i, dst) in row.iter_mut().enumerate() {
-            *dst = at[(i, j)] as f32;
-        }
+    let mut a = Vec::with_capacity(r * n);
+    for j in 0..r {
+        a.extend(at.col_as_slice(j).iter().map(|&x| x as f32));
     }
     Factored {
         rank: r,
@@ -996,7 +996,8 @@ mod tests {
         assert!((frob_norm_factored(&b, &a, m, k, n) - expected).abs() / expected < F64_TOL);
     }
 
-    /// `cargo test --no-default-features --lib svd_timing -- --ignored --nocapture`
+    /// `cargo test --release --no-default-features --lib svd_timing -- --ignored --nocapture`
+    /// (an unoptimised build is ~15x slower: faer's generics are instantiated here).
     #[test]
     #[ignore]
     fn svd_timing() {
