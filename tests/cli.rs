@@ -443,12 +443,12 @@ fn bad_inputs_are_refused_with_one_clear_message() {
     add(
         "hole",
         &cfg,
-        raw_file(&hdr([0, 32], [36, 68], "F32"), &vec![0u8; 68]),
+        raw_file(&hdr([0, 32], [36, 68], "F32"), &[0u8; 68]),
     );
     add(
         "overlap",
         &cfg,
-        raw_file(&hdr([0, 32], [28, 60], "F32"), &vec![0u8; 60]),
+        raw_file(&hdr([0, 32], [28, 60], "F32"), &[0u8; 60]),
     );
     add(
         "unknown-dtype",
@@ -458,7 +458,7 @@ fn bad_inputs_are_refused_with_one_clear_message() {
     let dup = format!(
         r#"{{"{a}":{{"dtype":"F32","shape":[2,4],"data_offsets":[0,32]}},"{a}":{{"dtype":"F32","shape":[2,4],"data_offsets":[32,64]}}}}"#
     );
-    add("duplicate-key", &cfg, raw_file(&dup, &vec![0u8; 64]));
+    add("duplicate-key", &cfg, raw_file(&dup, &[0u8; 64]));
     let only_a: Vec<_> = lora_tensors(&good_mods)
         .into_iter()
         .filter(|t| t.0.contains("lora_A"))

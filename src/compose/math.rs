@@ -143,20 +143,18 @@ pub fn svd(m: usize, n: usize, terms: &[Term], rank: usize) -> Result<Factored, 
         let (qb, rb) = thin_qr(bp);
         let (qa, ra) = thin_qr(apt);
         let core = mul(rb.as_ref(), ra.as_ref().transpose());
-        let (u, s, v) = thin_svd(core.as_ref())?;
+        let core_svd = thin_svd(core.as_ref())?;
         Ok(truncate(
             Some(qb.as_ref()),
             Some(qa.as_ref()),
-            u,
-            s,
-            v,
+            core_svd,
             rank,
             noise,
         ))
     } else {
         let dense = mul(bp.as_ref(), apt.as_ref().transpose());
-        let (u, s, v) = thin_svd(dense.as_ref())?;
-        Ok(truncate(None, None, u, s, v, rank, noise))
+        let dense_svd = thin_svd(dense.as_ref())?;
+        Ok(truncate(None, None, dense_svd, rank, noise))
     }
 }
 
@@ -462,8 +460,14 @@ fn thin_qr(mat: Mat<f64>) -> (Mat<f64>, Mat<f64>) {
     (q, qr.r)
 }
 
-/// Thin SVD `mat = U diag(s) V^T`, singular values non-increasing.
-fn thin_svd(mat: MatRef<f64>) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>), String> {
+/// `U diag(s) V^T`, singular values non-increasing.
+struct ThinSvd {
+    u: Mat<f64>,
+    s: Vec<f64>,
+    v: Mat<f64>,
+}
+
+fn thin_svd(mat: MatRef<f64>) -> Result<ThinSvd, String> {
     let (rows, cols) = mat.shape();
     let size = rows.min(cols);
     let mut u = Mat::zeros(rows, size);
@@ -487,7 +491,7 @@ fn thin_svd(mat: MatRef<f64>) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>), String> 
     )
     .map_err(|e| format!("the SVD of a {rows} x {cols} matrix failed: {e:?}"))?;
     let s = s.column_vector().iter().copied().collect();
-    Ok((u, s, v))
+    Ok(ThinSvd { u, s, v })
 }
 
 /// Keeps the top `rank` singular triplets of `(left u) diag(s) (right v)^T`
@@ -496,9 +500,7 @@ fn thin_svd(mat: MatRef<f64>) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>), String> 
 fn truncate(
     left: Option<MatRef<f64>>,
     right: Option<MatRef<f64>>,
-    u: Mat<f64>,
-    s: Vec<f64>,
-    v: Mat<f64>,
+    ThinSvd { u, s, v }: ThinSvd,
     rank: usize,
     noise: f64,
 ) -> Factored {
@@ -632,7 +634,7 @@ mod tests {
     /// (not the factored path under test).
     fn dense_singular_values(d: &[f64], m: usize, n: usize) -> Vec<f64> {
         let mat = Mat::from_fn(m, n, |i, j| d[i * n + j]);
-        thin_svd(mat.as_ref()).unwrap().1
+        thin_svd(mat.as_ref()).unwrap().s
     }
 
     /// Eckart–Young: the optimal relative error of a rank-`r` approximation.
