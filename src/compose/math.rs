@@ -160,23 +160,22 @@ pub fn svd(m: usize, n: usize, terms: &[Term], rank: usize) -> Result<Factored, 
 
 /// PEFT's `add_weighted_adapter(combination_type="linear")`, as done by
 /// `LoraModel._generalized_task_arithmetic_weighted_adapter` with
-/// `task_arithmetic`: every term gets the coefficient
-/// `c_i = sqrt(weight_i * scale_i)` and then
-/// `a = sum_i c_i A_i`, `b = sum_i c_i B_i`. PEFT gives the new adapter
+/// `task_arithmetic`: with `ws_i = weight_i * scale_i`, A gets the
+/// coefficient `sign(ws_i) * sqrt(|ws_i|)` and B gets `sqrt(|ws_i|)` (the
+/// sign goes on one side only, so a negative weight flips the term), then
+/// `a = sum_i cA_i A_i`, `b = sum_i cB_i B_i`. PEFT gives the new adapter
 /// `r = lora_alpha = rank` (scale 1, which is also what [`Factored`] means;
 /// note PEFT copies the remaining config, including `use_rslora`, from the
 /// first adapter).
 ///
 /// This is not the weighted sum of deltas: `b a` has the cross terms
-/// `c_i c_j B_i A_j`. `rel_error` says how far it is from the exact sum,
+/// `cB_i cA_j B_i A_j`. `rel_error` says how far it is from the exact sum,
 /// computed from the factors (see [`frob_norm_factored`]), never the `m x n`
 /// delta; when the exact sum is zero (to rounding) it is 0 if `b a` is zero
 /// too, else infinite. `energy` has no meaning here and is set to 1; read
 /// `rel_error`.
 ///
-/// Errors, as PEFT does, when the ranks differ, and when a
-/// `weight * scale` is negative (PEFT's `math.sqrt` raises there; a negative
-/// weight needs `exact` or `svd`).
+/// Errors, as PEFT does, when the ranks differ.
 ///
 /// # Panics
 /// As [`exact`], on slices that do not match their ranks.
@@ -197,20 +196,19 @@ pub fn linear(m: usize, n: usize, terms: &[Term]) -> Result<Factored, String> {
     let mut b = vec![0.0f64; m * r];
     for (i, t) in terms.iter().enumerate() {
         let ws = t.weight * t.scale;
-        if !ws.is_finite() || ws < 0.0 {
+        if !ws.is_finite() {
             return Err(format!(
-                "the linear combination takes sqrt(weight * scale), which is undefined for \
-                 term {i} (weight {} * scale {} = {ws}); use the exact or svd method for \
-                 negative weights",
+                "term {i} has a non-finite weight * scale ({} * {})",
                 t.weight, t.scale
             ));
         }
-        let c = ws.sqrt();
+        let cb = ws.abs().sqrt();
+        let ca = if ws < 0.0 { -cb } else { cb };
         for (dst, &x) in a.iter_mut().zip(t.a) {
-            *dst += c * f64::from(x);
+            *dst += ca * f64::from(x);
         }
         for (dst, &x) in b.iter_mut().zip(t.b) {
-            *dst += c * f64::from(x);
+            *dst += cb * f64::from(x);
         }
     }
     let a: Vec<f32> = a.into_iter().map(|x| x as f32).collect();
@@ -836,16 +834,17 @@ mod tests {
     }
 
     /// PEFT's linear combination written out on dense matrices, as a check
-    /// on the factored version: A = sum sqrt(w s) A_i, B = sum sqrt(w s) B_i,
-    /// delta = B A (scale 1).
+    /// on the factored version: A = sum sign(ws) sqrt(|ws|) A_i,
+    /// B = sum sqrt(|ws|) B_i, delta = B A (scale 1).
     fn peft_linear_dense(m: usize, n: usize, ts: &[Term]) -> Vec<f64> {
         let r = ts[0].rank;
         let mut a = vec![0.0f64; r * n];
         let mut b = vec![0.0f64; m * r];
         for t in ts {
-            let c = (t.weight * t.scale).sqrt();
+            let ws = t.weight * t.scale;
+            let c = ws.abs().sqrt();
             for (i, x) in t.a.iter().enumerate() {
-                a[i] += c * f64::from(*x);
+                a[i] += c * ws.signum() * f64::from(*x);
             }
             for (i, x) in t.b.iter().enumerate() {
                 b[i] += c * f64::from(*x);
@@ -901,14 +900,21 @@ mod tests {
     }
 
     #[test]
-    fn linear_rejects_negative_weight() {
+    fn linear_negative_weight_flips_the_term_like_peft() {
+        let (m, n) = (7, 5);
         let mut rng = Rng(9);
         let ads = vec![
-            adapter(&mut rng, 5, 4, 2, 8.0),
-            adapter(&mut rng, 5, 4, 2, 8.0),
+            adapter(&mut rng, m, n, 2, 8.0),
+            adapter(&mut rng, m, n, 2, 3.0),
         ];
-        let err = linear(5, 4, &terms(&ads, &[0.5, -0.5])).unwrap_err();
-        assert!(err.contains("term 1") && err.contains("negative"), "{err}");
+        let ts = terms(&ads, &[0.5, -0.75]);
+        let f = linear(m, n, &ts).unwrap();
+        assert!(rel_diff(&product(&f, m, n), &peft_linear_dense(m, n, &ts)) < F32_TOL);
+        // One adapter alone with a negative weight is exactly its negated delta.
+        let one = terms(&ads[1..], &[-0.75]);
+        let f = linear(m, n, &one).unwrap();
+        assert!(rel_diff(&product(&f, m, n), &dense(m, n, &one)) < F32_TOL);
+        assert!(f.rel_error < F32_TOL, "{}", f.rel_error);
     }
 
     #[test]

@@ -14,7 +14,7 @@ const PREFIX: &str = "base_model.model.";
 
 /// The tensors of the merged adapter, keyed by PEFT name, shapes restored
 /// (conv kernels, embedding naming).
-pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTensor> {
+pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTensor<'_>> {
     let mut out = BTreeMap::new();
     for m in modules {
         let r = m.factored.rank;
@@ -41,11 +41,19 @@ pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTe
         };
         out.insert(
             format!("{PREFIX}{}.{a_key}", m.name),
-            OutTensor::from_f32(&m.factored.a, a_shape, dtype),
+            OutTensor {
+                dtype,
+                shape: a_shape,
+                values: &m.factored.a,
+            },
         );
         out.insert(
             format!("{PREFIX}{}.{b_key}", m.name),
-            OutTensor::from_f32(&m.factored.b, b_shape, dtype),
+            OutTensor {
+                dtype,
+                shape: b_shape,
+                values: &m.factored.b,
+            },
         );
     }
     out

@@ -9,32 +9,42 @@ use serde::Serialize;
 
 use crate::adapter::DType;
 
-/// A tensor ready to be written: little-endian bytes of `dtype`.
-pub struct OutTensor {
+/// A tensor to be written: f32 values, encoded as `dtype` only while they
+/// are written, so the output never exists twice in memory.
+pub struct OutTensor<'a> {
     pub dtype: DType,
     pub shape: Vec<usize>,
-    pub data: Vec<u8>,
+    pub values: &'a [f32],
 }
 
-impl OutTensor {
-    /// Encode f32 values as `dtype` (round to nearest even for f16/bf16).
-    pub fn from_f32(values: &[f32], shape: Vec<usize>, dtype: DType) -> OutTensor {
-        let mut data = Vec::with_capacity(values.len() * dtype.size());
-        match dtype {
-            DType::F64 => values
-                .iter()
-                .for_each(|v| data.extend_from_slice(&(*v as f64).to_le_bytes())),
-            DType::F32 => values
-                .iter()
-                .for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
-            DType::F16 => values
-                .iter()
-                .for_each(|v| data.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-            DType::BF16 => values
-                .iter()
-                .for_each(|v| data.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+impl OutTensor<'_> {
+    fn byte_len(&self) -> usize {
+        self.values.len() * self.dtype.size()
+    }
+
+    /// Encode as little-endian `dtype` (round to nearest even for f16/bf16),
+    /// a chunk at a time.
+    fn write_to(&self, w: &mut (impl Write + ?Sized)) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(64 * 1024);
+        for chunk in self.values.chunks(8192) {
+            buf.clear();
+            match self.dtype {
+                DType::F64 => chunk
+                    .iter()
+                    .for_each(|v| buf.extend_from_slice(&(*v as f64).to_le_bytes())),
+                DType::F32 => chunk
+                    .iter()
+                    .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+                DType::F16 => chunk
+                    .iter()
+                    .for_each(|v| buf.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+                DType::BF16 => chunk
+                    .iter()
+                    .for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            }
+            w.write_all(&buf)?;
         }
-        OutTensor { dtype, shape, data }
+        Ok(())
     }
 }
 
@@ -48,7 +58,7 @@ struct Entry<'a> {
 /// Serialize `tensors` (sorted by name) with `metadata` to `w`.
 pub fn write(
     w: &mut (impl Write + ?Sized),
-    tensors: &BTreeMap<String, OutTensor>,
+    tensors: &BTreeMap<String, OutTensor<'_>>,
     metadata: &BTreeMap<String, String>,
 ) -> std::io::Result<()> {
     // Build the header by hand so that __metadata__ comes first and tensor
@@ -66,7 +76,7 @@ pub fn write(
             header.push(',');
         }
         first = false;
-        let end = offset + t.data.len();
+        let end = offset + t.byte_len();
         header.push_str(&serde_json::to_string(name).map_err(std::io::Error::other)?);
         header.push(':');
         let entry = Entry {
@@ -85,7 +95,7 @@ pub fn write(
     w.write_all(&(header.len() as u64).to_le_bytes())?;
     w.write_all(header.as_bytes())?;
     for t in tensors.values() {
-        w.write_all(&t.data)?;
+        t.write_to(w)?;
     }
     Ok(())
 }
