@@ -1,5 +1,6 @@
-//! Link libtorch so that the binary runs without LD_LIBRARY_PATH and really
-//! uses CUDA where a GPU exists.
+//! Link libtorch into the companion binary `lora-merge-torch` only, so that
+//! it runs without LD_LIBRARY_PATH and really uses CUDA where a GPU exists,
+//! while `lora-merge` itself starts without loading libtorch at all.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -10,7 +11,7 @@ fn main() {
     // depend on it directly.
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         // An rpath, so the binary finds libtorch wherever it is started from.
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+        println!("cargo:rustc-link-arg-bin=lora-merge-torch=-Wl,-rpath,{lib}");
         println!("cargo:rustc-env=LORA_MERGE_LIBTORCH_LIB={lib}");
         // The wheel records its exact build (e.g. 2.13.0+cu130) in version.py.
         let version_py = std::path::Path::new(&lib).join("../version.py");
@@ -24,7 +25,7 @@ fn main() {
         // CUDA backend from static constructors. Under --as-needed the linker
         // would drop it and CUDA would silently be unavailable.
         if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+            println!("cargo:rustc-link-arg-bin=lora-merge-torch=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         }
     }
 }

@@ -60,18 +60,20 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "torch")]
+/// libtorch lives in a companion binary so that commands which do not need
+/// it (merging, inspecting, verifying) start without loading its ~500 MB of
+/// libraries. Ask it, if this build has one.
 fn torch_report() -> serde_json::Value {
-    json!({
-        "version": option_env!("LORA_MERGE_LIBTORCH_VERSION"),
-        "lib_dir": option_env!("LORA_MERGE_LIBTORCH_LIB"),
-        "cuda_available": tch::Cuda::is_available(),
-        "cuda_devices": tch::Cuda::device_count(),
-        "cudnn_available": tch::Cuda::cudnn_is_available(),
-    })
-}
-
-#[cfg(not(feature = "torch"))]
-fn torch_report() -> serde_json::Value {
-    serde_json::Value::Null
+    match super::torch_companion() {
+        None => serde_json::Value::Null,
+        Some(exe) => match std::process::Command::new(&exe).arg("info").output() {
+            Ok(out) if out.status.success() => serde_json::from_slice(&out.stdout).unwrap_or_else(
+                |e| json!({"error": format!("unreadable answer from {}: {e}", exe.display())}),
+            ),
+            Ok(out) => {
+                json!({"error": format!("{} failed: {}", exe.display(), String::from_utf8_lossy(&out.stderr).trim())})
+            }
+            Err(e) => json!({"error": format!("{}: {e}", exe.display())}),
+        },
+    }
 }

@@ -14,6 +14,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::adapter::source;
 use crate::{Error, Result};
 
+/// The companion binary that holds everything linked to libtorch: beside
+/// this executable, named `lora-merge-torch`. None in builds without the
+/// `torch` feature.
+pub fn torch_companion() -> Option<std::path::PathBuf> {
+    if !cfg!(feature = "torch") {
+        return None;
+    }
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.with_file_name(format!("lora-merge-torch{}", std::env::consts::EXE_SUFFIX)))
+}
+
 /// References from the command line followed by those in --adapters-file.
 pub fn adapter_refs(given: &[String], file: Option<&Path>) -> Result<Vec<String>> {
     let mut refs = given.to_vec();
