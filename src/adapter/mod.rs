@@ -89,6 +89,24 @@ impl TensorRef {
         &self.map[self.range.clone()]
     }
 
+    /// Tell the kernel we are done with these bytes, so that pages already
+    /// decoded stop counting towards resident memory while later modules are
+    /// merged. Best effort: failure only costs memory.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        // SAFETY: the map is a read-only mapping of a file we never write.
+        // MADV_DONTNEED on such pages only drops the cached copy; any later
+        // read faults the same bytes back in from the file, so references
+        // into the map stay valid and see unchanged data.
+        unsafe {
+            let _ = self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.range.start,
+                self.range.len(),
+            );
+        }
+    }
+
     /// Decode to f32 (little-endian input, as safetensors mandates).
     pub fn to_f32(&self) -> Vec<f32> {
         let b = self.bytes();

@@ -180,11 +180,23 @@ impl SafetensorsFile {
 
     /// sha256 and size of the mapped bytes, i.e. of exactly what was parsed.
     pub fn file_record(&self) -> FileRecord {
-        FileRecord {
+        let record = FileRecord {
             path: self.path.clone(),
             sha256: sha256_hex(&self.map),
             size: self.map.len() as u64,
+        };
+        // Hashing touched every page; with hundreds of adapters that would
+        // keep all inputs resident until the merge. Drop them now: each
+        // tensor is faulted back in when its module is merged.
+        #[cfg(unix)]
+        // SAFETY: read-only mapping of a file we never write; MADV_DONTNEED
+        // only drops cached pages, later reads see the same bytes.
+        unsafe {
+            let _ = self
+                .map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
         }
+        record
     }
 }
 

@@ -129,6 +129,8 @@ fn merge_module(
             first.get_or_insert(m);
             sources.push(i);
             decoded.push((w[i], m.scale, m.rank, m.a.to_f32(), m.b.to_f32()));
+            m.a.release();
+            m.b.release();
         }
     }
     let first = first.ok_or_else(|| Error::Internal(format!("module {name} has no adapter")))?;
