@@ -107,6 +107,21 @@ impl TensorRef {
         }
     }
 
+    /// The values as f32: borrowed straight from the map when the tensor is
+    /// stored as aligned little-endian f32 (no copy, no extra memory), else
+    /// decoded.
+    pub fn f32_view(&self) -> std::borrow::Cow<'_, [f32]> {
+        if self.dtype == DType::F32 && cfg!(target_endian = "little") {
+            // SAFETY: every bit pattern is a valid f32, and align_to only
+            // yields a middle slice that is correctly aligned.
+            let (head, body, tail) = unsafe { self.bytes().align_to::<f32>() };
+            if head.is_empty() && tail.is_empty() {
+                return std::borrow::Cow::Borrowed(body);
+            }
+        }
+        std::borrow::Cow::Owned(self.to_f32())
+    }
+
     /// Decode to f32 (little-endian input, as safetensors mandates).
     pub fn to_f32(&self) -> Vec<f32> {
         let b = self.bytes();

@@ -128,16 +128,14 @@ fn merge_module(
         if let Some(m) = adapter.modules.get(name) {
             first.get_or_insert(m);
             sources.push(i);
-            decoded.push((w[i], m.scale, m.rank, m.a.to_f32(), m.b.to_f32()));
-            m.a.release();
-            m.b.release();
+            decoded.push((w[i], m.scale, m.rank, m.a.f32_view(), m.b.f32_view(), m));
         }
     }
     let first = first.ok_or_else(|| Error::Internal(format!("module {name} has no adapter")))?;
     let (m, n) = (first.fan_out, first.fan_in);
     let terms: Vec<Term> = decoded
         .iter()
-        .map(|(weight, scale, rank, a, b)| Term {
+        .map(|(weight, scale, rank, a, b, _)| Term {
             weight: *weight,
             scale: *scale,
             rank: *rank,
@@ -159,6 +157,12 @@ fn merge_module(
             Error::Incompatible(format!("--method linear cannot merge module {name}: {why}"))
         })?,
     };
+    // Done with this module's inputs: let their pages go (see TensorRef::release).
+    drop(terms);
+    for (.., module) in decoded.drain(..) {
+        module.a.release();
+        module.b.release();
+    }
     Ok(MergedModule {
         name: name.to_string(),
         kind: first.kind.clone(),
