@@ -55,8 +55,10 @@ pub struct DoctorArgs {
 #[derive(Debug, Args)]
 pub struct AdapterInputs {
     /// Adapters: a PEFT directory (adapter_config.json +
-    /// adapter_model.safetensors) or a .safetensors file with its
-    /// adapter_config.json beside it.
+    /// adapter_model.safetensors), a diffusers directory
+    /// (pytorch_lora_weights.safetensors), a directory holding one
+    /// .safetensors file, or a .safetensors file: PEFT (with its
+    /// adapter_config.json beside it), kohya/sd-scripts or diffusers.
     #[arg(long = "adapters", value_name = "ADAPTER", num_args = 1..)]
     pub adapters: Vec<String>,
 
@@ -95,6 +97,33 @@ pub enum MethodArg {
     Linear,
 }
 
+/// Adapter file layouts, as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// Detect each file's layout from its keys and metadata.
+    Auto,
+    /// PEFT: adapter_config.json + base_model.model.<path>.lora_A.weight.
+    Peft,
+    /// kohya/sd-scripts: lora_unet_*/lora_te*_* keys with .lora_down.weight,
+    /// .lora_up.weight and .alpha (missing or 0 means alpha = rank).
+    Kohya,
+    /// diffusers: unet.*/text_encoder.*/text_encoder_2.* keys with
+    /// .lora_A.weight/.lora_B.weight, optional lora_adapter_metadata.
+    Diffusers,
+}
+
+/// Adapter file layouts, as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormatArg {
+    /// adapter_model.safetensors + adapter_config.json.
+    Peft,
+    /// lora.safetensors with .alpha = rank per module and the inputs'
+    /// ss_*/modelspec.* metadata that still holds.
+    Kohya,
+    /// pytorch_lora_weights.safetensors with lora_adapter_metadata.
+    Diffusers,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
     F32,
@@ -107,9 +136,22 @@ pub struct UniformArgs {
     #[command(flatten)]
     pub inputs: AdapterInputs,
 
-    /// Output directory for the merged PEFT adapter, manifest and model card.
+    /// Output directory for the merged adapter, manifest and model card.
     #[arg(short = 'o', long = "output", value_name = "OUT")]
     pub output: PathBuf,
+
+    /// Layout of the input files. Stable Diffusion modules line up across
+    /// layouts by their kohya name (lora_unet_down_blocks_0_..., with
+    /// lora_te_ and lora_te1_ both meaning text_encoder); a PEFT adapter
+    /// merged with or written as kohya/diffusers is taken to be on the UNet,
+    /// or on the first text encoder when its paths start with text_model.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    pub format: FormatArg,
+
+    /// Layout of the merged adapter (default: the inputs' layout; inputs in
+    /// different layouts need it given).
+    #[arg(long, value_enum)]
+    pub output_format: Option<OutputFormatArg>,
 
     /// One weight per adapter, in order (default: 1/N each). Weights are used
     /// as given: they are not normalised, and may be negative.
@@ -123,6 +165,11 @@ pub struct UniformArgs {
     /// Output rank per module for --method svd.
     #[arg(long, value_name = "N")]
     pub rank: Option<usize>,
+
+    /// Output rank of convolutions with a spatial kernel (3x3) for --method
+    /// svd (default: --rank); 1x1 convolutions get --rank.
+    #[arg(long, value_name = "N")]
+    pub conv_rank: Option<usize>,
 
     /// Element type of the written tensors (default: the inputs' type when
     /// they all agree, else f32). Math is always done in f32 or f64.

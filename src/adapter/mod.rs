@@ -2,8 +2,12 @@
 //! checks that make every later step safe. Nothing here knows about libtorch.
 
 pub mod config;
+pub mod diffusers;
+pub mod format;
+pub mod kohya;
 pub mod peft;
 pub mod safetensors;
+pub mod sdnames;
 pub mod set;
 pub mod source;
 
@@ -16,6 +20,7 @@ use memmap2::Mmap;
 use serde::Serialize;
 
 pub use config::PeftConfig;
+pub use format::Format;
 pub use set::{AdapterSet, CompatReport};
 
 /// Element types we read and write. Anything else in an adapter file is
@@ -180,6 +185,12 @@ pub struct LoraModule {
     pub fan_out: usize,
     pub a: TensorRef,
     pub b: TensorRef,
+    /// The dotted module path to write in PEFT and diffusers layouts, when
+    /// `name` is an alignment key rather than that path (Stable Diffusion
+    /// modules, see [`sdnames`]) and the input spelled it out. `None` for
+    /// plain PEFT modules (`name` is the path) and for kohya inputs (the
+    /// path is rebuilt from the key when needed).
+    pub path: Option<String>,
 }
 
 /// A file we read, as we read it.
@@ -198,7 +209,14 @@ pub struct Adapter {
     /// Where it resolved to (a local directory for now; a Hub snapshot later).
     pub resolved: source::Resolved,
     pub files: Vec<FileRecord>,
+    /// PEFT's config; for kohya and diffusers files, one synthesised from
+    /// the modules (most common rank and alpha), so that reports read the
+    /// same for every layout.
     pub config: PeftConfig,
+    pub format: Format,
+    /// The weights file's safetensors metadata (kohya's `ss_*` and
+    /// `modelspec.*`, diffusers' `lora_adapter_metadata`).
+    pub metadata: BTreeMap<String, String>,
     /// By module name, sorted.
     pub modules: BTreeMap<String, LoraModule>,
 }

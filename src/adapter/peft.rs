@@ -138,7 +138,7 @@ pub fn build_modules(
         let Some(module) = module.strip_prefix(KEY_PREFIX) else {
             return Err(invalid(format!(
                 "tensor {key} does not start with PEFT's {KEY_PREFIX:?}: this is not a PEFT \
-                 adapter file (kohya and diffusers layouts are not supported yet)"
+                 adapter file (pass --format kohya or --format diffusers for those layouts)"
             )));
         };
         let pair = pairs.entry(module.to_string()).or_default();
@@ -205,35 +205,9 @@ fn build_one(
     config: &PeftConfig,
     config_path: &Path,
 ) -> Result<LoraModule, String> {
+    let (rank_a, rank_b, fan_in, fan_out, kind) =
+        pair_shape(name, a, b, family == Family::Embedding)?;
     let both = || format!("{} and {}", shape_str(a), shape_str(b));
-    let (rank_a, rank_b, fan_in, fan_out, kind) = match (family, &a.shape[..], &b.shape[..]) {
-        (Family::Weight, [ra, inp], [out, rb]) => (*ra, *rb, *inp, *out, ModuleKind::Linear),
-        (Family::Weight, [ra, kernel @ ..], [out, rb, ones @ ..])
-            if (2..=4).contains(&kernel.len()) && ones.len() + 1 == kernel.len() =>
-        {
-            if ones.iter().any(|&d| d != 1) {
-                return Err(format!(
-                    "module {name} is a convolution but lora_B's kernel is not all 1: {}",
-                    both()
-                ));
-            }
-            let fan_in = kernel
-                .iter()
-                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| format!("module {name}: kernel too large: {}", both()))?;
-            let kind = ModuleKind::Conv {
-                kernel: kernel.to_vec(),
-            };
-            (*ra, *rb, fan_in, *out, kind)
-        }
-        (Family::Embedding, [ra, num], [dim, rb]) => (*ra, *rb, *num, *dim, ModuleKind::Embedding),
-        _ => {
-            return Err(format!(
-                "module {name} has factor shapes that are not a LoRA pair: {}",
-                both()
-            ))
-        }
-    };
     let rank = config.rank_for(name);
     if rank_a != rank_b || rank_a != rank {
         return Err(format!(
@@ -252,6 +226,48 @@ fn build_one(
         fan_out,
         a: a.clone(),
         b: b.clone(),
+        path: None,
+    })
+}
+
+/// Ranks, fan-in, fan-out and kind of an A/B pair from its shapes alone:
+/// linear `[r, in]`/`[out, r]`, conv `[r, in, kh, kw]`/`[out, r, 1, 1]`
+/// (1-3 spatial dims), embedding `[r, num]`/`[dim, r]`. Shared by every
+/// layout; the caller checks the two ranks against each other and its config.
+pub(crate) fn pair_shape(
+    name: &str,
+    a: &TensorRef,
+    b: &TensorRef,
+    embedding: bool,
+) -> Result<(usize, usize, usize, usize, ModuleKind), String> {
+    let both = || format!("{} and {}", shape_str(a), shape_str(b));
+    Ok(match (embedding, &a.shape[..], &b.shape[..]) {
+        (false, [ra, inp], [out, rb]) => (*ra, *rb, *inp, *out, ModuleKind::Linear),
+        (false, [ra, kernel @ ..], [out, rb, ones @ ..])
+            if (2..=4).contains(&kernel.len()) && ones.len() + 1 == kernel.len() =>
+        {
+            if ones.iter().any(|&d| d != 1) {
+                return Err(format!(
+                    "module {name} is a convolution but lora_B's kernel is not all 1: {}",
+                    both()
+                ));
+            }
+            let fan_in = kernel
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| format!("module {name}: kernel too large: {}", both()))?;
+            let kind = ModuleKind::Conv {
+                kernel: kernel.to_vec(),
+            };
+            (*ra, *rb, fan_in, *out, kind)
+        }
+        (true, [ra, num], [dim, rb]) => (*ra, *rb, *num, *dim, ModuleKind::Embedding),
+        _ => {
+            return Err(format!(
+                "module {name} has factor shapes that are not a LoRA pair: {}",
+                both()
+            ))
+        }
     })
 }
 

@@ -6,28 +6,98 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::config::TargetModules;
+use super::format::{self, Format};
 use super::safetensors::SafetensorsFile;
 use super::source::{self, Resolved};
-use super::{peft, Adapter, DType, FileRecord, ModuleKind, PeftConfig};
+use super::{diffusers, kohya, peft, sdnames};
+use super::{Adapter, DType, FileRecord, LoraModule, ModuleKind, PeftConfig};
 use crate::error::{Error, Result};
 
 /// How many items an error message lists before it says "and N more".
 const LIST_LIMIT: usize = 5;
 
-/// Resolve, read, hash and validate one adapter.
+/// Resolve, read, hash and validate one adapter, in the layout its keys
+/// say (or `format` when given).
 pub fn load_adapter(given: &str) -> Result<Adapter> {
+    load_adapter_as(given, None)
+}
+
+/// [`load_adapter`] with the layout forced.
+pub fn load_adapter_as(given: &str, format: Option<Format>) -> Result<Adapter> {
     let resolved = source::resolve(given)?;
-    let (config, config_record) = PeftConfig::read(resolved.config())?;
     let weights = SafetensorsFile::open(resolved.weights())?;
-    let modules = peft::build_modules(&weights, &config, resolved.config())?;
-    let files = vec![config_record, weights.file_record()];
+    let format = match format {
+        Some(f) => {
+            format::refuse_foreign(&weights)?;
+            f
+        }
+        None => format::detect(&weights)?,
+    };
+    let (config, modules, mut files) = match format {
+        Format::Peft => {
+            let Some(config_path) = resolved.config() else {
+                return Err(Error::invalid(
+                    resolved.dir(),
+                    format!(
+                        "{} is a PEFT adapter file but there is no {} beside it: PEFT adapters \
+                         need it for rank, alpha and target modules",
+                        resolved.weights().display(),
+                        source::CONFIG_FILE
+                    ),
+                ));
+            };
+            let (config, config_record) = PeftConfig::read(config_path)?;
+            let modules = peft::build_modules(&weights, &config, config_path)?;
+            (config, modules, vec![config_record])
+        }
+        Format::Kohya => {
+            let modules = kohya::build_modules(&weights)?;
+            (synthesised_config(&modules), modules, Vec::new())
+        }
+        Format::Diffusers => {
+            let modules = diffusers::build_modules(&weights)?;
+            (synthesised_config(&modules), modules, Vec::new())
+        }
+    };
+    files.push(weights.file_record());
     Ok(Adapter {
         given: given.to_string(),
         resolved,
         files,
         config,
+        format,
+        metadata: weights.metadata.clone(),
         modules,
     })
+}
+
+/// A PEFT-shaped summary of a file that has no config: the most common rank
+/// and alpha (ties: the smaller). Only reports read it; every module keeps
+/// its own rank and scale.
+fn synthesised_config(modules: &BTreeMap<String, LoraModule>) -> PeftConfig {
+    fn most_common<T: Ord + Copy>(it: impl Iterator<Item = T>) -> Option<T> {
+        let mut counts: BTreeMap<T, usize> = BTreeMap::new();
+        for x in it {
+            *counts.entry(x).or_default() += 1;
+        }
+        counts
+            .iter()
+            .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+            .map(|(x, _)| *x)
+    }
+    let r = most_common(modules.values().map(|m| m.rank)).unwrap_or(1);
+    // Alphas compared by their bits: they come from files, not arithmetic.
+    let alpha_bits = most_common(
+        modules
+            .values()
+            .filter(|m| m.rank == r)
+            .map(|m| m.alpha.to_bits()),
+    );
+    let mut config = PeftConfig::default();
+    config.peft_type = Some("LORA".into());
+    config.r = r;
+    config.lora_alpha = alpha_bits.map_or(r as f64, f64::from_bits);
+    config
 }
 
 /// N validated adapters, in the order given.
@@ -132,9 +202,65 @@ impl AdapterSet {
     /// error reported is the first failing reference in that order, so runs
     /// are reproducible whatever the thread timing.
     pub fn load(refs: &[String]) -> Result<AdapterSet> {
-        let results: Vec<Result<Adapter>> = refs.par_iter().map(|r| load_adapter(r)).collect();
+        AdapterSet::load_as(refs, None)
+    }
+
+    /// [`AdapterSet::load`] with every adapter's layout forced (`None`:
+    /// each detected from its own keys).
+    pub fn load_as(refs: &[String], format: Option<Format>) -> Result<AdapterSet> {
+        let results: Vec<Result<Adapter>> = refs
+            .par_iter()
+            .map(|r| load_adapter_as(r, format))
+            .collect();
         let adapters = results.into_iter().collect::<Result<Vec<_>>>()?;
         Ok(AdapterSet { adapters })
+    }
+
+    /// The layouts of the inputs, sorted, without repeats.
+    pub fn formats(&self) -> Vec<Format> {
+        let mut f: Vec<Format> = self.adapters.iter().map(|a| a.format).collect();
+        f.sort();
+        f.dedup();
+        f
+    }
+
+    /// Does any adapter use a Stable Diffusion layout (kohya or diffusers)?
+    pub fn has_sd_layout(&self) -> bool {
+        self.adapters.iter().any(|a| a.format != Format::Peft)
+    }
+
+    /// Re-key PEFT adapters' modules by their Stable Diffusion alignment key
+    /// (see [`sdnames`]), so that they line up with kohya and diffusers
+    /// inputs, or can be written in those layouts. A PEFT adapter names no
+    /// pipeline component unless its paths start with one (`unet.`): paths
+    /// starting with `text_model.` are taken as the first text encoder,
+    /// everything else as the UNet. The dotted path is kept for writing.
+    pub fn align_sd_names(&mut self) -> Result<()> {
+        for a in self
+            .adapters
+            .iter_mut()
+            .filter(|a| a.format == Format::Peft)
+        {
+            let old = std::mem::take(&mut a.modules);
+            for (path, mut m) in old {
+                if sdnames::is_key(&path) {
+                    a.modules.insert(path, m);
+                    continue;
+                }
+                let (c, inner) = sdnames::split_peft_path(&path);
+                let key = sdnames::key(c, inner);
+                m.path = Some(format!("{}.{inner}", c.diffusers));
+                m.name = key.clone();
+                if a.modules.insert(key.clone(), m).is_some() {
+                    return Err(Error::Incompatible(format!(
+                        "{}: two modules become {key} once '.' and '_' are treated alike, so \
+                         they cannot be lined up with kohya names",
+                        a.given
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Compare the adapters. Shape conflicts and `fan_in_fan_out`
@@ -287,6 +413,7 @@ impl AdapterSet {
 #[derive(Debug, Clone, Serialize)]
 pub struct AdapterSummary {
     pub given: String,
+    pub format: Format,
     pub resolved: Resolved,
     pub files: Vec<FileRecord>,
     pub base_model: Option<String>,
@@ -312,6 +439,7 @@ impl Adapter {
         let c = &self.config;
         AdapterSummary {
             given: self.given.clone(),
+            format: self.format,
             resolved: self.resolved.clone(),
             files: self.files.clone(),
             base_model: c.base_model_name_or_path.clone(),

@@ -9,7 +9,10 @@ use crate::error::{Error, Result};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// diffusers' LoRA weights file.
+pub const DIFFUSERS_WEIGHTS_FILE: &str = "pytorch_lora_weights.safetensors";
 const PICKLED_WEIGHTS_FILE: &str = "adapter_model.bin";
+const PICKLED_DIFFUSERS_FILE: &str = "pytorch_lora_weights.bin";
 
 /// An adapter reference, resolved to files.
 #[derive(Debug, Clone, Serialize)]
@@ -19,7 +22,9 @@ pub enum Resolved {
     Local {
         dir: PathBuf,
         weights: PathBuf,
-        config: PathBuf,
+        /// `adapter_config.json` beside the weights, when there is one
+        /// (PEFT needs it; kohya and diffusers files carry no config).
+        config: Option<PathBuf>,
     },
 }
 
@@ -30,9 +35,9 @@ impl Resolved {
         }
     }
 
-    pub fn config(&self) -> &Path {
+    pub fn config(&self) -> Option<&Path> {
         match self {
-            Resolved::Local { config, .. } => config,
+            Resolved::Local { config, .. } => config.as_deref(),
         }
     }
 
@@ -69,8 +74,10 @@ fn looks_like_hub_ref(s: &str) -> bool {
 }
 
 /// Resolve a reference as given on the command line or in an adapters file:
-/// a PEFT adapter directory, or its `.safetensors` file with
-/// `adapter_config.json` beside it.
+/// an adapter directory (PEFT's `adapter_model.safetensors` with its
+/// `adapter_config.json`, diffusers' `pytorch_lora_weights.safetensors`, or
+/// a single `.safetensors` file), or a `.safetensors` file (a PEFT one with
+/// `adapter_config.json` beside it, or a kohya or diffusers file).
 pub fn resolve(given: &str) -> Result<Resolved> {
     let path = Path::new(given);
     let meta = match std::fs::metadata(path) {
@@ -108,18 +115,7 @@ pub fn resolve(given: &str) -> Result<Resolved> {
     };
     let dir = std::fs::canonicalize(&dir).map_err(|e| Error::io(&dir, e))?;
     let weights = if meta.is_dir() {
-        let w = dir.join(WEIGHTS_FILE);
-        if !w.is_file() {
-            let bin = dir.join(PICKLED_WEIGHTS_FILE);
-            if bin.is_file() {
-                return Err(pickled_refusal(&bin));
-            }
-            return Err(Error::invalid(
-                &dir,
-                format!("no {WEIGHTS_FILE} in this directory: is it a PEFT adapter?"),
-            ));
-        }
-        w
+        weights_in_dir(&dir)?
     } else {
         // The file name is whatever the user chose; keep it, in the
         // canonical directory.
@@ -127,7 +123,9 @@ pub fn resolve(given: &str) -> Result<Resolved> {
         dir.join(name)
     };
     let config = dir.join(CONFIG_FILE);
-    if !config.is_file() {
+    let config = if config.is_file() {
+        Some(config)
+    } else if weights.file_name().is_some_and(|n| n == WEIGHTS_FILE) {
         return Err(Error::invalid(
             &dir,
             format!(
@@ -135,12 +133,51 @@ pub fn resolve(given: &str) -> Result<Resolved> {
                  and target modules"
             ),
         ));
-    }
+    } else {
+        None
+    };
     Ok(Resolved::Local {
         dir,
         weights,
         config,
     })
+}
+
+/// The weights file of an adapter directory: PEFT's, else diffusers', else
+/// the only `.safetensors` file there.
+fn weights_in_dir(dir: &Path) -> Result<PathBuf> {
+    for name in [WEIGHTS_FILE, DIFFUSERS_WEIGHTS_FILE] {
+        let w = dir.join(name);
+        if w.is_file() {
+            return Ok(w);
+        }
+    }
+    for name in [PICKLED_WEIGHTS_FILE, PICKLED_DIFFUSERS_FILE] {
+        let bin = dir.join(name);
+        if bin.is_file() {
+            return Err(pickled_refusal(&bin));
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::invalid(
+            dir,
+            format!(
+                "no {WEIGHTS_FILE}, {DIFFUSERS_WEIGHTS_FILE} or other .safetensors file in this \
+                 directory: is it an adapter?"
+            ),
+        )),
+        n => Err(Error::invalid(
+            dir,
+            format!("{n} .safetensors files in this directory: pass the one to read"),
+        )),
+    }
 }
 
 /// Adapter references from a file: one per line; blank lines and lines
@@ -177,7 +214,7 @@ mod tests {
         let r = resolve(&s(&dir)).unwrap();
         assert_eq!(r.dir(), canon);
         assert_eq!(r.weights(), canon.join(WEIGHTS_FILE));
-        assert_eq!(r.config(), canon.join(CONFIG_FILE));
+        assert_eq!(r.config(), Some(canon.join(CONFIG_FILE).as_path()));
         let r = resolve(&s(&dir.join(WEIGHTS_FILE))).unwrap();
         assert_eq!(r.weights(), canon.join(WEIGHTS_FILE));
         let v = serde_json::to_value(&r).unwrap();

@@ -47,6 +47,15 @@ impl TestTensor {
 /// largest elements first (so every offset is aligned), header padded with
 /// spaces to a multiple of 8.
 pub(crate) fn write_safetensors(path: &Path, tensors: &[TestTensor]) {
+    write_safetensors_with_metadata(path, tensors, json!({"format": "pt"}));
+}
+
+/// [`write_safetensors`] with the given `__metadata__` object.
+pub(crate) fn write_safetensors_with_metadata(
+    path: &Path,
+    tensors: &[TestTensor],
+    metadata: Value,
+) {
     let mut sorted: Vec<&TestTensor> = tensors.iter().collect();
     sorted.sort_by(|a, b| {
         b.dtype
@@ -55,7 +64,7 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &[TestTensor]) {
             .then(a.name.cmp(&b.name))
     });
     let mut header = Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    header.insert("__metadata__".into(), metadata);
     let mut data = Vec::new();
     for t in sorted {
         let begin = data.len();

@@ -7,13 +7,13 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::adapter::{AdapterSet, CompatReport, DType};
-use crate::cli::{DTypeArg, MethodArg, UniformArgs};
+use crate::adapter::{AdapterSet, CompatReport, DType, Format};
+use crate::cli::{DTypeArg, FormatArg, MethodArg, OutputFormatArg, UniformArgs};
 use crate::compose::merge::{self, MergedModule, Method, Weights};
 use crate::output::atomic::{self, Staging, WrittenFile};
 use crate::output::card::{Card, CardInput};
 use crate::output::manifest::{self, Manifest, ModuleRecord, Tool};
-use crate::output::{peft, safetensors};
+use crate::output::{diffusers, kohya, peft, safetensors};
 use crate::{Error, Result};
 
 /// Everything `write_merge` needs to describe a merge.
@@ -25,6 +25,8 @@ pub struct MergeRecord<'a> {
     pub dtype: DType,
     pub modules: &'a [MergedModule],
     pub timings: Value,
+    /// The layout to write.
+    pub format: Format,
 }
 
 pub fn run(args: &UniformArgs) -> Result<()> {
@@ -34,7 +36,13 @@ pub fn run(args: &UniformArgs) -> Result<()> {
         (MethodArg::Exact, None) => Method::Exact,
         (MethodArg::Linear, None) => Method::Linear,
         (MethodArg::Svd, Some(0)) => return Err(Error::Usage("--rank must be at least 1".into())),
-        (MethodArg::Svd, Some(rank)) => Method::Svd { rank },
+        (MethodArg::Svd, Some(_)) if args.conv_rank == Some(0) => {
+            return Err(Error::Usage("--conv-rank must be at least 1".into()))
+        }
+        (MethodArg::Svd, Some(rank)) => Method::Svd {
+            rank,
+            conv_rank: args.conv_rank,
+        },
         (MethodArg::Svd, None) => {
             return Err(Error::Usage(
                 "--method svd needs --rank N (the output rank per module)".into(),
@@ -51,13 +59,48 @@ pub fn run(args: &UniformArgs) -> Result<()> {
             )))
         }
     };
+    if args.conv_rank.is_some() && args.method != MethodArg::Svd {
+        return Err(Error::Usage(
+            "--conv-rank only applies to --method svd".into(),
+        ));
+    }
     let weights = Weights::uniform(refs.len(), &args.weights)?;
+    let in_format = match args.format {
+        FormatArg::Auto => None,
+        FormatArg::Peft => Some(Format::Peft),
+        FormatArg::Kohya => Some(Format::Kohya),
+        FormatArg::Diffusers => Some(Format::Diffusers),
+    };
 
     // Refuse a bad output before reading anything large.
     let given_paths: Vec<PathBuf> = refs.iter().map(PathBuf::from).collect();
     atomic::preflight(&args.output, args.force, &given_paths)?;
 
-    let set = AdapterSet::load(&refs)?;
+    let mut set = AdapterSet::load_as(&refs, in_format)?;
+    let out_format = match args.output_format {
+        Some(OutputFormatArg::Peft) => Format::Peft,
+        Some(OutputFormatArg::Kohya) => Format::Kohya,
+        Some(OutputFormatArg::Diffusers) => Format::Diffusers,
+        None => match set.formats().as_slice() {
+            [one] => *one,
+            many => {
+                let names: Vec<String> = set
+                    .adapters
+                    .iter()
+                    .map(|a| format!("{} ({})", a.given, a.format.name()))
+                    .collect();
+                return Err(Error::Usage(format!(
+                    "the adapters are in different layouts ({}): {}; pass --output-format \
+                     peft, kohya or diffusers to choose the layout of the merge",
+                    many.iter().map(|f| f.name()).collect::<Vec<_>>().join(", "),
+                    names.join(", ")
+                )));
+            }
+        },
+    };
+    if set.has_sd_layout() || out_format != Format::Peft {
+        set.align_sd_names()?;
+    }
     let input_files: Vec<PathBuf> = set
         .adapters
         .iter()
@@ -94,6 +137,7 @@ pub fn run(args: &UniformArgs) -> Result<()> {
         dtype,
         modules: &modules,
         timings: json!({"load_s": load_s, "merge_s": merge_s}),
+        format: out_format,
     };
     let t2 = Instant::now();
     let (out_dir, written) = write_merge(&args.output, &record)?;
@@ -114,6 +158,7 @@ pub fn run(args: &UniformArgs) -> Result<()> {
         super::print_json(&json!({
             "output": out_dir,
             "method": method,
+            "output_format": out_format,
             "dtype": dtype,
             "adapters": set.adapters.len(),
             "weights": weights.global,
@@ -211,21 +256,64 @@ pub fn write_merge(
     let staging = Staging::new(out)?;
     let mut written = BTreeMap::new();
 
-    let tensors = peft::tensors(rec.modules, rec.dtype);
-    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let adapter = staging.write_with("adapter_model.safetensors", |w| {
-        safetensors::write(w, &tensors, &metadata)
-    })?;
+    let weights_file = match rec.format {
+        Format::Peft => "adapter_model.safetensors",
+        Format::Kohya => kohya::FILE_NAME,
+        Format::Diffusers => diffusers::FILE_NAME,
+    };
+    let (tensors, metadata) = match rec.format {
+        Format::Peft => (
+            peft::tensors(rec.modules, rec.dtype),
+            BTreeMap::from([("format".to_string(), "pt".to_string())]),
+        ),
+        Format::Kohya => {
+            let facts = kohya::MergeFacts {
+                kohya_inputs: set
+                    .adapters
+                    .iter()
+                    .filter(|a| a.format == Format::Kohya)
+                    .map(|a| &a.metadata)
+                    .collect(),
+                merged_from: set
+                    .adapters
+                    .iter()
+                    .map(|a| {
+                        a.resolved
+                            .weights()
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_else(|| a.given.clone())
+                    })
+                    .collect(),
+                method: rec.method.name(),
+                weights: serde_json::to_string(&rec.weights.global)
+                    .map_err(|e| Error::Internal(e.to_string()))?,
+            };
+            (
+                kohya::tensors(rec.modules, rec.dtype),
+                kohya::metadata(rec.modules, &facts),
+            )
+        }
+        Format::Diffusers => (
+            diffusers::tensors(rec.modules, rec.dtype),
+            diffusers::metadata(rec.modules),
+        ),
+    };
+    let adapter =
+        staging.write_with(weights_file, |w| safetensors::write(w, &tensors, &metadata))?;
     drop(tensors);
-    written.insert("adapter_model.safetensors".to_string(), adapter.clone());
+    written.insert(weights_file.to_string(), adapter.clone());
 
-    let config = peft::config(rec.modules, &facts);
-    let config_text =
-        serde_json::to_string_pretty(&config).map_err(|e| Error::Internal(e.to_string()))? + "\n";
-    written.insert(
-        "adapter_config.json".into(),
-        staging.write("adapter_config.json", config_text.as_bytes())?,
-    );
+    if rec.format == Format::Peft {
+        let config = peft::config(rec.modules, &facts);
+        let config_text = serde_json::to_string_pretty(&config)
+            .map_err(|e| Error::Internal(e.to_string()))?
+            + "\n";
+        written.insert(
+            "adapter_config.json".into(),
+            staging.write("adapter_config.json", config_text.as_bytes())?,
+        );
+    }
 
     // argv[0] is wherever the binary happened to be; the card shows the command.
     let argv: Vec<String> = std::iter::once("lora-merge".to_string())
@@ -265,6 +353,8 @@ pub fn write_merge(
         modules: rec.modules.len(),
         command: &command,
         adapter_sha256: &adapter.sha256,
+        format: rec.format.name(),
+        weights_file,
     };
     written.insert(
         "README.md".into(),
@@ -278,6 +368,7 @@ pub fn write_merge(
         .map(|(i, a)| {
             json!({
                 "given": a.given,
+                "format": a.format,
                 "resolved": a.resolved,
                 "files": a.files,
                 "rank": a.config.r,
@@ -298,7 +389,9 @@ pub fn write_merge(
         command_line: argv,
         method: json!({
             "name": rec.method.name(),
-            "rank": match rec.method { Method::Svd { rank } => Some(rank), _ => None },
+            "rank": match rec.method { Method::Svd { rank, .. } => Some(rank), _ => None },
+            "conv_rank": match rec.method { Method::Svd { conv_rank, .. } => conv_rank, _ => None },
+            "output_format": rec.format,
             "dtype": rec.dtype,
             "approximate": rec.method != Method::Exact,
             "svd_factor_split": matches!(rec.method, Method::Svd { .. }).then_some("balanced: B = Q_B U sqrt(S), A = sqrt(S) V^T Q_A^T"),

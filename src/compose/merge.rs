@@ -15,11 +15,26 @@ use crate::{Error, Result};
 #[serde(tag = "name", rename_all = "lowercase")]
 pub enum Method {
     Exact,
-    Svd { rank: usize },
+    /// `rank` for every module but convolutions with a spatial kernel
+    /// (3x3 and the like), which get `conv_rank` when given (as
+    /// sd-scripts' `--new_conv_rank`); 1x1 convolutions count as linear.
+    Svd {
+        rank: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        conv_rank: Option<usize>,
+    },
     Linear,
 }
 
 impl Method {
+    /// The output rank `svd` gives a module of this kind.
+    pub fn svd_rank_for(rank: usize, conv_rank: Option<usize>, kind: &ModuleKind) -> usize {
+        match (kind, conv_rank) {
+            (ModuleKind::Conv { kernel }, Some(c)) if kernel.iter().skip(1).any(|&d| d != 1) => c,
+            _ => rank,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Method::Exact => "exact",
@@ -80,6 +95,9 @@ impl Weights {
 #[derive(Debug)]
 pub struct MergedModule {
     pub name: String,
+    /// The inputs' dotted path for this module when its name is an
+    /// alignment key (carried through untouched for the writers).
+    pub path: Option<String>,
     pub kind: ModuleKind,
     pub fan_out: usize,
     pub fan_in: usize,
@@ -124,9 +142,13 @@ fn merge_module(
     let mut sources = Vec::new();
     let mut decoded = Vec::new();
     let mut first = None;
+    let mut path = None;
     for (i, adapter) in set.adapters.iter().enumerate() {
         if let Some(m) = adapter.modules.get(name) {
             first.get_or_insert(m);
+            if path.is_none() {
+                path.clone_from(&m.path);
+            }
             sources.push(i);
             decoded.push((w[i], m.scale, m.rank, m.a.f32_view(), m.b.f32_view(), m));
         }
@@ -145,7 +167,13 @@ fn merge_module(
         .collect();
     let factored = match method {
         Method::Exact => math::exact(m, n, &terms),
-        Method::Svd { rank } => math::svd(m, n, &terms, rank).map_err(|why| Error::Invalid {
+        Method::Svd { rank, conv_rank } => math::svd(
+            m,
+            n,
+            &terms,
+            Method::svd_rank_for(rank, conv_rank, &first.kind),
+        )
+        .map_err(|why| Error::Invalid {
             file: set.adapters[sources[0]]
                 .files
                 .last()
@@ -165,6 +193,7 @@ fn merge_module(
     }
     Ok(MergedModule {
         name: name.to_string(),
+        path,
         kind: first.kind.clone(),
         fan_out: m,
         fan_in: n,

@@ -21,6 +21,10 @@ pub struct Card<'a> {
     pub modules: usize,
     pub command: &'a str,
     pub adapter_sha256: &'a str,
+    /// "peft", "kohya" or "diffusers".
+    pub format: &'a str,
+    /// The weights file's name.
+    pub weights_file: &'a str,
 }
 
 fn yaml_str(s: &str) -> String {
@@ -32,11 +36,19 @@ impl Card<'_> {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "---");
-        let _ = writeln!(s, "library_name: peft");
+        match self.format {
+            "peft" => {
+                let _ = writeln!(s, "library_name: peft");
+            }
+            "diffusers" => {
+                let _ = writeln!(s, "library_name: diffusers");
+            }
+            _ => {}
+        }
         if let Some(base) = self.base_model {
             let _ = writeln!(s, "base_model: {}", yaml_str(base));
         }
-        let _ = writeln!(s, "tags:\n- lora\n- peft\n- lora-merge\n- merge");
+        let _ = writeln!(s, "tags:\n- lora\n- {}\n- lora-merge\n- merge", self.format);
         let _ = writeln!(s, "---\n");
         let _ = writeln!(s, "# Merged LoRA adapter\n");
         let _ =
@@ -71,18 +83,31 @@ impl Card<'_> {
         }
         let _ = writeln!(
             s,
-            "\nMerged weights: `adapter_model.safetensors` sha256 `{}`.",
-            self.adapter_sha256
+            "\nMerged weights: `{}` sha256 `{}`.",
+            self.weights_file, self.adapter_sha256
         );
         let _ = writeln!(
             s,
             "Full provenance (files, hashes, per-module error): `merge_manifest.json`.\n"
         );
         let _ = writeln!(s, "## Reproduce\n\n```sh\n{}\n```\n", self.command);
-        let _ = writeln!(
-            s,
-            "## Use\n\n```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"path/to/this/adapter\")\n```"
-        );
+        let _ = match self.format {
+            "kohya" => writeln!(
+                s,
+                "## Use\n\n`{}` is a kohya/sd-scripts LoRA file (`.alpha` = rank, so scale 1): \
+                 load it in any tool that reads those.",
+                self.weights_file
+            ),
+            "diffusers" => writeln!(
+                s,
+                "## Use\n\n```python\npipe.load_lora_weights(\"path/to/this/adapter\", weight_name=\"{}\")\n```",
+                self.weights_file
+            ),
+            _ => writeln!(
+                s,
+                "## Use\n\n```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"path/to/this/adapter\")\n```"
+            ),
+        };
         s
     }
 }

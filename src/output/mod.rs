@@ -3,6 +3,8 @@
 
 pub mod atomic;
 pub mod card;
+pub mod diffusers;
+pub mod kohya;
 pub mod manifest;
 pub mod peft;
 pub mod safetensors;

@@ -2,12 +2,13 @@
 //! `adapter_config.json`. This is the only place that spells PEFT key names
 //! for output.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
 use super::safetensors::OutTensor;
-use crate::adapter::{DType, ModuleKind};
+use crate::adapter::{sdnames, DType, ModuleKind};
 use crate::compose::merge::MergedModule;
 
 const PREFIX: &str = "base_model.model.";
@@ -16,7 +17,7 @@ const PREFIX: &str = "base_model.model.";
 /// (conv kernels, embedding naming).
 pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTensor<'_>> {
     let mut out = BTreeMap::new();
-    for m in modules {
+    for (m, path) in modules.iter().zip(module_paths(modules)) {
         let r = m.factored.rank;
         let (a_shape, b_shape, a_key, b_key) = match &m.kind {
             ModuleKind::Linear => (
@@ -40,23 +41,64 @@ pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTe
             ),
         };
         out.insert(
-            format!("{PREFIX}{}.{a_key}", m.name),
+            format!("{PREFIX}{path}.{a_key}"),
             OutTensor {
                 dtype,
                 shape: a_shape,
-                values: &m.factored.a,
+                values: Cow::Borrowed(&m.factored.a),
             },
         );
         out.insert(
-            format!("{PREFIX}{}.{b_key}", m.name),
+            format!("{PREFIX}{path}.{b_key}"),
             OutTensor {
                 dtype,
                 shape: b_shape,
-                values: &m.factored.b,
+                values: Cow::Borrowed(&m.factored.b),
             },
         );
     }
     out
+}
+
+/// The module path each merged module gets in a PEFT adapter. Plain PEFT
+/// modules keep their name. Stable Diffusion modules (named by alignment
+/// key) get their dotted path; when they all belong to one pipeline
+/// component, the component is dropped, since a PEFT adapter wraps that one
+/// model (`unet.down_blocks.0...` becomes `down_blocks.0...`, which is what
+/// PEFT on a diffusers UNet saves).
+pub fn module_paths(modules: &[MergedModule]) -> Vec<String> {
+    let dotted: Vec<Option<String>> = modules
+        .iter()
+        .map(|m| {
+            sdnames::is_key(&m.name).then(|| {
+                m.path
+                    .clone()
+                    .or_else(|| sdnames::dotted_from_key(&m.name))
+                    .unwrap_or_else(|| m.name.clone())
+            })
+        })
+        .collect();
+    let components: std::collections::BTreeSet<&str> = dotted
+        .iter()
+        .flatten()
+        .filter_map(|d| d.split_once('.').map(|(c, _)| c))
+        .collect();
+    let single = (components.len() == 1 && dotted.iter().all(Option::is_some))
+        .then(|| components.into_iter().next())
+        .flatten();
+    modules
+        .iter()
+        .zip(&dotted)
+        .map(|(m, d)| match (d, single) {
+            (Some(d), Some(c)) => d
+                .strip_prefix(c)
+                .and_then(|r| r.strip_prefix('.'))
+                .unwrap_or(d)
+                .to_string(),
+            (Some(d), None) => d.clone(),
+            (None, _) => m.name.clone(),
+        })
+        .collect()
 }
 
 /// What the merged config copies from the inputs when they agree.
@@ -83,23 +125,22 @@ pub fn config(modules: &[MergedModule], facts: &ConfigFacts) -> Value {
         .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
         .map(|(r, _)| *r)
         .unwrap_or(0);
+    let paths = module_paths(modules);
     let mut rank_pattern = Map::new();
     let mut alpha_pattern = Map::new();
-    for m in modules.iter().filter(|m| m.factored.rank != r) {
+    for (m, path) in modules.iter().zip(&paths) {
+        if m.factored.rank == r {
+            continue;
+        }
         // Full module paths: PEFT matches a pattern key as `(.*\.)?KEY$`, so
         // a full path can only match its own module.
-        rank_pattern.insert(m.name.clone(), json!(m.factored.rank));
-        alpha_pattern.insert(m.name.clone(), json!(m.factored.rank));
+        rank_pattern.insert(path.clone(), json!(m.factored.rank));
+        alpha_pattern.insert(path.clone(), json!(m.factored.rank));
     }
     let target_modules = facts.shared_target_modules.clone().unwrap_or_else(|| {
         // Exact module paths: a list entry matches a module whose name equals
         // it or ends with ".entry", so this adapts exactly what we wrote.
-        Value::Array(
-            modules
-                .iter()
-                .map(|m| Value::String(m.name.clone()))
-                .collect(),
-        )
+        Value::Array(paths.iter().map(|p| Value::String(p.clone())).collect())
     });
     let v = json!({
         "alpha_pattern": alpha_pattern,

@@ -2,6 +2,7 @@
 //! bytes as the reference implementation does, so the same tensors always
 //! give the same bytes.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 
@@ -14,7 +15,7 @@ use crate::adapter::DType;
 pub struct OutTensor<'a> {
     pub dtype: DType,
     pub shape: Vec<usize>,
-    pub values: &'a [f32],
+    pub values: Cow<'a, [f32]>,
 }
 
 impl OutTensor<'_> {

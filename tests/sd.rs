@@ -1,0 +1,351 @@
+//! Stable Diffusion layouts end to end: fixtures in kohya, diffusers and
+//! PEFT-on-UNet layouts (written by fixtures/make_sd_fixtures.py, which also
+//! checks its conv reference deltas against real PyTorch convolutions) are
+//! merged by the binary into every layout, read back with the library, and
+//! compared with the reference deltas.
+//!
+//! Tolerance: relative Frobenius error <= 1e-6. The reference is computed in
+//! float64 and stored as f32 (one rounding, 2^-24 relative); a weight-1
+//! exact merge rounds `w * s * A` to f32 once more; products are summed in
+//! f64. Two or three f32 roundings stay well below 1e-6.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use lora_merge::adapter::safetensors::SafetensorsFile;
+use lora_merge::adapter::{sdnames, AdapterSet};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lora-merge");
+const TOL: f64 = 1e-6;
+
+/// Generate the fixtures once per test binary.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let python = root.join(".venv/bin/python");
+        assert!(
+            python.exists(),
+            "{} is missing: run ./setup.sh first (it installs torch into .venv)",
+            python.display()
+        );
+        let dir = tempfile::tempdir().unwrap().keep();
+        let out = Command::new(&python)
+            .arg(root.join("fixtures/make_sd_fixtures.py"))
+            .arg("--out")
+            .arg(&dir)
+            .output()
+            .expect("run python");
+        assert!(
+            out.status.success(),
+            "fixture script failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+        dir
+    })
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run lora-merge")
+}
+
+fn ok(args: &[&str]) {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "lora-merge {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Input reference of fixture `stem` in layout `fmt`.
+fn input(stem: &str, fmt: &str) -> String {
+    let d = fixtures();
+    match fmt {
+        "kohya" => d.join(format!("{stem}_kohya.safetensors")),
+        f => d.join(format!("{stem}_{f}")),
+    }
+    .to_string_lossy()
+    .into_owned()
+}
+
+/// The reference deltas of a fixture: kohya name -> (fan_out*fan_in values).
+fn reference(stem: &str) -> BTreeMap<String, Vec<f32>> {
+    let f = SafetensorsFile::open(fixtures().join(format!("{stem}_ref.safetensors"))).unwrap();
+    f.tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_f32()))
+        .collect()
+}
+
+/// Every module's delta (scale * B @ A, flattened like the reference), by
+/// alignment key.
+fn deltas(path: &Path) -> BTreeMap<String, Vec<f64>> {
+    let mut set = AdapterSet::load(&[path.to_string_lossy().into_owned()]).unwrap();
+    set.align_sd_names().unwrap();
+    let a = &set.adapters[0];
+    a.modules
+        .iter()
+        .map(|(k, m)| {
+            let (av, bv) = (m.a.to_f32(), m.b.to_f32());
+            let (r, n, o) = (m.rank, m.fan_in, m.fan_out);
+            let mut d = vec![0f64; o * n];
+            for i in 0..o {
+                for j in 0..n {
+                    let s: f64 = (0..r)
+                        .map(|t| f64::from(bv[i * r + t]) * f64::from(av[t * n + j]))
+                        .sum();
+                    d[i * n + j] = m.scale * s;
+                }
+            }
+            (k.clone(), d)
+        })
+        .collect()
+}
+
+fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den).sqrt()
+}
+
+fn as_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// The weights file a merged directory holds.
+fn weights_of(dir: &Path) -> PathBuf {
+    for n in [
+        "adapter_model.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "lora.safetensors",
+    ] {
+        if dir.join(n).exists() {
+            return dir.join(n);
+        }
+    }
+    panic!("no weights in {}", dir.display());
+}
+
+#[test]
+fn every_format_pair_round_trips_every_delta() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut worst: f64 = 0.0;
+    let mut conv_worst: f64 = 0.0;
+    let mut checked = 0;
+    for model in ["sd15", "sdxl"] {
+        let stem = format!("{model}_a");
+        let want = reference(&stem);
+        for from in ["kohya", "diffusers", "peft"] {
+            for to in ["kohya", "diffusers", "peft"] {
+                let out = tmp.path().join(format!("{model}-{from}-{to}"));
+                ok(&[
+                    "uniform",
+                    "--adapters",
+                    &input(&stem, from),
+                    "--weights",
+                    "1",
+                    "--output-format",
+                    to,
+                    "-o",
+                    out.to_str().unwrap(),
+                ]);
+                let got = deltas(&weights_of(&out));
+                // PEFT fixtures hold the UNet modules only.
+                let expected: Vec<&String> = want
+                    .keys()
+                    .filter(|k| from != "peft" || k.starts_with(sdnames::UNET.kohya))
+                    .collect();
+                let names: Vec<&String> = got.keys().collect();
+                assert_eq!(names, expected, "{model} {from} -> {to}: module names");
+                for (k, d) in &got {
+                    let e = rel_err(d, &as_f64(&want[k]));
+                    assert!(e <= TOL, "{model} {from} -> {to}: {k}: rel error {e:e}");
+                    worst = worst.max(e);
+                    if k.contains("conv") || k.ends_with("proj_in") || k.ends_with("proj_out") {
+                        conv_worst = conv_worst.max(e);
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "round trips: {checked} module deltas, max relative error {worst:.3e} (conv modules {conv_worst:.3e})"
+    );
+}
+
+#[test]
+fn kohya_output_is_sd_scripts_shaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("k");
+    ok(&[
+        "uniform",
+        "--adapters",
+        &input("sd15_a", "kohya"),
+        &input("sd15_b", "kohya"),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let f = SafetensorsFile::open(out.join("lora.safetensors")).unwrap();
+    // SD 1.x spelling of the text encoder is kept.
+    assert!(f
+        .tensors
+        .contains_key("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"));
+    let conv = "lora_unet_down_blocks_0_resnets_0_conv1";
+    let down = &f.tensors[&format!("{conv}.lora_down.weight")];
+    let up = &f.tensors[&format!("{conv}.lora_up.weight")];
+    let alpha = &f.tensors[&format!("{conv}.alpha")];
+    // Exact merge: rank 2 + 3, alpha = rank (scale 1), 0-dim alpha.
+    assert_eq!(down.shape, vec![5, 40, 3, 3]);
+    assert_eq!(up.shape, vec![40, 5, 1, 1]);
+    assert!(alpha.shape.is_empty());
+    assert_eq!(alpha.to_f32(), vec![5.0]);
+    let md = &f.metadata;
+    assert_eq!(md["ss_base_model_version"], "sd_v1");
+    assert_eq!(md["ss_network_module"], "networks.lora");
+    assert_eq!(md["ss_network_dim"], "Dynamic");
+    assert_eq!(
+        md["ss_merged_from"],
+        "sd15_a_kohya.safetensors, sd15_b_kohya.safetensors"
+    );
+    // Training facts of one input do not describe the merge.
+    assert!(!md.contains_key("ss_learning_rate"));
+    assert!(!md.contains_key("modelspec.title"));
+    assert_eq!(md["lora_merge.method"], "exact");
+}
+
+/// sd-scripts' own LoRA merge (networks/merge_lora.py, merge_lora_models)
+/// multiplies both lora_down and lora_up by sqrt(ratio) (times an alpha
+/// correction) and adds the factors of the inputs together, so one input's
+/// delta scales with ratio but two inputs produce cross terms up_i down_j,
+/// and users who scale both factors by the ratio get ratio^2. Here the
+/// delta is sum_i w_i * s_i * up_i down_i: doubling every weight doubles the
+/// delta, and each input enters linearly.
+#[test]
+fn kohya_ratios_are_linear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let merge = |w: [&str; 2], name: &str| {
+        let out = tmp.path().join(name);
+        ok(&[
+            "uniform",
+            "--adapters",
+            &input("sdxl_a", "kohya"),
+            &input("sdxl_b", "kohya"),
+            "--weights",
+            w[0],
+            w[1],
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        deltas(&out.join("lora.safetensors"))
+    };
+    let one = merge(["0.3", "0.7"], "one");
+    let two = merge(["0.6", "1.4"], "two");
+    let (ra, rb) = (reference("sdxl_a"), reference("sdxl_b"));
+    let mut worst: f64 = 0.0;
+    for (k, d1) in &one {
+        let d2 = &two[k];
+        let doubled: Vec<f64> = d1.iter().map(|x| 2.0 * x).collect();
+        let e = rel_err(d2, &doubled);
+        assert!(e <= TOL, "{k}: w and 2w differ by {e:e}");
+        let want: Vec<f64> = ra[k]
+            .iter()
+            .zip(&rb[k])
+            .map(|(&a, &b)| 0.3 * f64::from(a) + 0.7 * f64::from(b))
+            .collect();
+        let e = rel_err(d1, &want);
+        assert!(e <= TOL, "{k}: not the weighted sum of deltas: {e:e}");
+        worst = worst.max(e);
+    }
+    println!("ratio linearity: max relative error vs 0.3 dA + 0.7 dB = {worst:.3e}");
+}
+
+#[test]
+fn svd_conv_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("svd");
+    ok(&[
+        "uniform",
+        "--adapters",
+        &input("sd15_a", "kohya"),
+        &input("sd15_b", "diffusers"),
+        "--output-format",
+        "kohya",
+        "--method",
+        "svd",
+        "--rank",
+        "7",
+        "--conv-rank",
+        "3",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let f = SafetensorsFile::open(out.join("lora.safetensors")).unwrap();
+    let r = |k: &str| f.tensors[&format!("{k}.lora_down.weight")].shape[0];
+    assert_eq!(r("lora_unet_down_blocks_0_resnets_0_conv1"), 3);
+    assert_eq!(r("lora_unet_down_blocks_0_attentions_0_proj_in"), 7);
+    assert_eq!(
+        r("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"),
+        7
+    );
+    // rank 3 of a sum of rank-2 and rank-3 convs is not exact, but the
+    // kohya + diffusers inputs did line up: 11 modules, not 22.
+    let n = f
+        .tensors
+        .keys()
+        .filter(|k| k.ends_with(".lora_down.weight"))
+        .count();
+    assert_eq!(n, 11);
+}
+
+#[test]
+fn mixed_layouts_need_output_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(&[
+        "uniform",
+        "--adapters",
+        &input("sd15_a", "kohya"),
+        &input("sd15_b", "diffusers"),
+        "-o",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("different layouts") && e.contains("--output-format"),
+        "{e}"
+    );
+    assert!(!tmp.path().join("x").exists());
+}
+
+#[test]
+fn lycoris_is_refused_by_name() {
+    for (file, what) in [("loha", "LoHa"), ("lokr", "LoKr")] {
+        let p = fixtures().join(format!("{file}.safetensors"));
+        for extra in [&[][..], &["--format", "kohya"][..]] {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut args = vec![
+                "uniform",
+                "--adapters",
+                p.to_str().unwrap(),
+                "-o",
+                tmp.path().to_str().unwrap(),
+            ];
+            args.extend_from_slice(extra);
+            let o = run(&args);
+            assert!(!o.status.success());
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(e.contains(what), "{e}");
+        }
+    }
+}
