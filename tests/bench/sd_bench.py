@@ -196,6 +196,9 @@ def main() -> None:
             print(f"N={n}: {label}", file=sys.stderr)
             wall, rss = timed(cmd)
             rows.append((n, label, wall, rss))
+            # Each row as soon as it is measured: a long run stopped part-way
+            # still leaves its figures.
+            print(f"   {wall:.2f} s, peak RSS {rss:.0f} MiB", file=sys.stderr, flush=True)
     print(f"\nSDXL-shaped kohya LoRAs, scale 1/{args.scale}, rank {args.rank}, "
           f"{len(sdxl_modules(args.scale))} modules, {size:.1f} MiB each (f16); "
           f"{platform.machine()}, {os.cpu_count()} CPUs\n")
