@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::safetensors::OutTensor;
 use crate::adapter::format::DIFFUSERS_METADATA_KEY;
-use crate::adapter::{sdnames, DType, ModuleKind};
+use crate::adapter::{sdnames, DType};
 use crate::compose::merge::MergedModule;
 
 pub use crate::adapter::source::DIFFUSERS_WEIGHTS_FILE as FILE_NAME;
@@ -31,17 +31,7 @@ fn dotted_paths(modules: &[MergedModule]) -> Vec<String> {
 pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTensor<'_>> {
     let mut out = BTreeMap::new();
     for (m, path) in modules.iter().zip(dotted_paths(modules)) {
-        let r = m.factored.rank;
-        let (a_shape, b_shape) = match &m.kind {
-            ModuleKind::Conv { kernel } => {
-                let mut a = vec![r];
-                a.extend_from_slice(kernel);
-                let mut b = vec![m.fan_out, r];
-                b.extend(std::iter::repeat_n(1, kernel.len().saturating_sub(1)));
-                (a, b)
-            }
-            ModuleKind::Linear | ModuleKind::Embedding => (vec![r, m.fan_in], vec![m.fan_out, r]),
-        };
+        let (a_shape, b_shape) = super::factor_shapes(m);
         out.insert(
             format!("{path}.lora_A.weight"),
             OutTensor {

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use super::safetensors::OutTensor;
-use crate::adapter::{sdnames, DType, ModuleKind};
+use crate::adapter::{sdnames, DType};
 use crate::compose::merge::MergedModule;
 
 pub const FILE_NAME: &str = "lora.safetensors";
@@ -75,17 +75,7 @@ fn alpha_dtype(value: f32, dtype: DType) -> DType {
 pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTensor<'_>> {
     let mut out = BTreeMap::new();
     for (m, name) in modules.iter().zip(kohya_names(modules)) {
-        let r = m.factored.rank;
-        let (a_shape, b_shape) = match &m.kind {
-            ModuleKind::Conv { kernel } => {
-                let mut a = vec![r];
-                a.extend_from_slice(kernel);
-                let mut b = vec![m.fan_out, r];
-                b.extend(std::iter::repeat_n(1, kernel.len().saturating_sub(1)));
-                (a, b)
-            }
-            ModuleKind::Linear | ModuleKind::Embedding => (vec![r, m.fan_in], vec![m.fan_out, r]),
-        };
+        let (a_shape, b_shape) = super::factor_shapes(m);
         out.insert(
             format!("{name}.lora_down.weight"),
             OutTensor {
@@ -102,7 +92,7 @@ pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTe
                 values: Cow::Borrowed(&m.factored.b),
             },
         );
-        let alpha = r as f32;
+        let alpha = m.factored.rank as f32;
         out.insert(
             format!("{name}.alpha"),
             OutTensor {

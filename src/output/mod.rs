@@ -11,6 +11,26 @@ pub mod safetensors;
 
 use sha2::{Digest, Sha256};
 
+use crate::adapter::ModuleKind;
+use crate::compose::merge::MergedModule;
+
+/// The stored shapes of a merged module's A and B: matrices in the middle of
+/// the program, kernel shapes restored here for every output layout
+/// (conv: A [r, in, kh, kw], B [out, r, 1, 1]).
+pub fn factor_shapes(m: &MergedModule) -> (Vec<usize>, Vec<usize>) {
+    let r = m.factored.rank;
+    match &m.kind {
+        ModuleKind::Conv { kernel } => {
+            let mut a = vec![r];
+            a.extend_from_slice(kernel);
+            let mut b = vec![m.fan_out, r];
+            b.extend(std::iter::repeat_n(1, kernel.len().saturating_sub(1)));
+            (a, b)
+        }
+        ModuleKind::Linear | ModuleKind::Embedding => (vec![r, m.fan_in], vec![m.fan_out, r]),
+    }
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     let mut s = String::with_capacity(64);

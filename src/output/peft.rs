@@ -18,27 +18,10 @@ const PREFIX: &str = "base_model.model.";
 pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTensor<'_>> {
     let mut out = BTreeMap::new();
     for (m, path) in modules.iter().zip(module_paths(modules)) {
-        let r = m.factored.rank;
-        let (a_shape, b_shape, a_key, b_key) = match &m.kind {
-            ModuleKind::Linear => (
-                vec![r, m.fan_in],
-                vec![m.fan_out, r],
-                "lora_A.weight",
-                "lora_B.weight",
-            ),
-            ModuleKind::Conv { kernel } => {
-                let mut a = vec![r];
-                a.extend_from_slice(kernel);
-                let mut b = vec![m.fan_out, r];
-                b.extend(std::iter::repeat_n(1, kernel.len().saturating_sub(1)));
-                (a, b, "lora_A.weight", "lora_B.weight")
-            }
-            ModuleKind::Embedding => (
-                vec![r, m.fan_in],
-                vec![m.fan_out, r],
-                "lora_embedding_A",
-                "lora_embedding_B",
-            ),
+        let (a_shape, b_shape) = super::factor_shapes(m);
+        let (a_key, b_key) = match &m.kind {
+            ModuleKind::Embedding => ("lora_embedding_A", "lora_embedding_B"),
+            ModuleKind::Linear | ModuleKind::Conv { .. } => ("lora_A.weight", "lora_B.weight"),
         };
         out.insert(
             format!("{PREFIX}{path}.{a_key}"),
