@@ -115,21 +115,11 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
     let mut modules = BTreeMap::new();
     for ((_, path), (component, pair)) in pairs {
         let dotted = format!("{}.{path}", component.diffusers);
-        let (a, b) = match (pair.a, pair.b) {
-            (Some(a), Some(b)) => (a, b),
-            (Some(a), None) => {
-                return Err(invalid(format!(
-                    "tensor {} has no matching B factor",
-                    a.name
-                )))
-            }
-            (None, Some(b)) => {
-                return Err(invalid(format!(
-                    "tensor {} has no matching A factor",
-                    b.name
-                )))
-            }
-            (None, None) => continue,
+        let pair = crate::adapter::pair_factors(pair.a, pair.b, "A factor", "B factor")
+            .map_err(&invalid)?;
+        let (a, b) = match pair {
+            Some(ab) => ab,
+            None => continue,
         };
         let (rank, rank_b, fan_in, fan_out, kind) =
             pair_shape(&dotted, a, b, false).map_err(&invalid)?;

@@ -70,21 +70,11 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
 
     let mut modules = BTreeMap::new();
     for (name, p) in parts {
-        let (a, b) = match (p.down, p.up) {
-            (Some(a), Some(b)) => (a, b),
-            (Some(a), None) => {
-                return Err(invalid(format!(
-                    "tensor {} has no matching lora_up tensor",
-                    a.name
-                )))
-            }
-            (None, Some(b)) => {
-                return Err(invalid(format!(
-                    "tensor {} has no matching lora_down tensor",
-                    b.name
-                )))
-            }
-            (None, None) => {
+        let pair =
+            crate::adapter::pair_factors(p.down, p.up, "lora_down", "lora_up").map_err(&invalid)?;
+        let (a, b) = match pair {
+            Some(ab) => ab,
+            None => {
                 return Err(invalid(format!(
                     "{}.alpha has no lora_down/lora_up tensors",
                     p.stem

@@ -243,3 +243,25 @@ impl Adapter {
 
 #[cfg(test)]
 pub(crate) mod testutil;
+
+/// Both factors of a module, `None` when neither is present, or a message
+/// naming the tensor that lacks its partner. One rule for every layout.
+pub(crate) fn pair_factors<T: std::borrow::Borrow<TensorRef>>(
+    a: Option<T>,
+    b: Option<T>,
+    a_label: &str,
+    b_label: &str,
+) -> std::result::Result<Option<(T, T)>, String> {
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(Some((a, b))),
+        (Some(a), None) => Err(format!(
+            "tensor {} has no matching {b_label} tensor",
+            a.borrow().name
+        )),
+        (None, Some(b)) => Err(format!(
+            "tensor {} has no matching {a_label} tensor",
+            b.borrow().name
+        )),
+        (None, None) => Ok(None),
+    }
+}

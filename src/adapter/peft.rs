@@ -164,21 +164,11 @@ pub fn build_modules(
 
     let mut modules = BTreeMap::new();
     for (name, pair) in pairs {
-        let (a, b) = match (pair.a, pair.b) {
-            (Some(a), Some(b)) => (a, b),
-            (Some(a), None) => {
-                return Err(invalid(format!(
-                    "tensor {} has no matching lora_B tensor",
-                    a.name
-                )))
-            }
-            (None, Some(b)) => {
-                return Err(invalid(format!(
-                    "tensor {} has no matching lora_A tensor",
-                    b.name
-                )))
-            }
-            (None, None) => continue,
+        let factors =
+            crate::adapter::pair_factors(pair.a, pair.b, "lora_A", "lora_B").map_err(&invalid)?;
+        let (a, b) = match factors {
+            Some(ab) => ab,
+            None => continue,
         };
         let family = pair.family.unwrap_or(Family::Weight);
         let module = build_one(&name, a, b, family, config, config_path).map_err(&invalid)?;
