@@ -42,6 +42,26 @@ pub enum Command {
     Uniform(UniformArgs),
     /// Re-hash a merged adapter directory against its merge_manifest.json.
     Verify(VerifyArgs),
+    /// Measure a base model, alone or with adapters composed in, on labelled
+    /// data (needs libtorch).
+    ///
+    /// causal-lm: the loss is the negative log-likelihood of the completion
+    /// tokens (prompt tokenized with the tokenizer's special tokens, the
+    /// completion without), summed over all lines and divided by the number
+    /// of completion tokens; perplexity is exp(loss).
+    ///
+    /// classify (encoders): texts become mean-pooled, L2-normalised
+    /// embeddings; each label's prototype is the mean of its --support
+    /// embeddings; a --data example is right when its nearest prototype by
+    /// cosine has its label.
+    ///
+    /// Adapters are composed into the model's linear layers, never merged into
+    /// dense weights: y = W x + sum_i w_i s_i B_i A_i x.
+    #[command(after_help = "Examples:\n  \
+lora-merge eval --base ./Llama-3.2-1B --data heldout.jsonl\n  \
+lora-merge eval --base ./Llama-3.2-1B --adapters ./a ./b --weights 0.7 0.3 --data heldout.jsonl --json\n  \
+lora-merge eval --base ./all-MiniLM-L6-v2 --adapter ./topics --task classify --support shots.jsonl --data test.jsonl")]
+    Eval(EvalArgs),
 }
 
 #[derive(Debug, Args)]
@@ -59,7 +79,7 @@ pub struct AdapterInputs {
     /// (pytorch_lora_weights.safetensors), a directory holding one
     /// .safetensors file, or a .safetensors file: PEFT (with its
     /// adapter_config.json beside it), kohya/sd-scripts or diffusers.
-    #[arg(long = "adapters", value_name = "ADAPTER", num_args = 1..)]
+    #[arg(long = "adapters", alias = "adapter", value_name = "ADAPTER", num_args = 1..)]
     pub adapters: Vec<String>,
 
     /// Read more adapter references from FILE, one per line (blank lines and
@@ -198,6 +218,93 @@ pub struct VerifyArgs {
     /// A directory written by lora-merge.
     #[arg(value_name = "OUT")]
     pub dir: PathBuf,
+
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which task the examples are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TaskArg {
+    /// JSON Lines of {"prompt", "completion"} (or {"input", "output"}).
+    CausalLm,
+    /// JSON Lines of {"text", "label"}.
+    Classify,
+}
+
+/// Where tensors live: `auto` (CUDA when available, else CPU), `cpu`,
+/// `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceArg::Auto),
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" => Ok(DeviceArg::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceArg::Cuda)
+                .ok_or_else(|| format!("{s:?} is not a device (auto, cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The base model: a directory with config.json, tokenizer.json and
+    /// model.safetensors (or shards with model.safetensors.index.json).
+    /// Llama, Mistral and Qwen2 causal LMs; BERT encoders.
+    #[arg(long, value_name = "MODEL")]
+    pub base: String,
+
+    /// Adapters to compose into the model (none: the base model alone).
+    /// `--adapter A` is the same as `--adapters A`.
+    #[arg(long = "adapters", alias = "adapter", value_name = "ADAPTER", num_args = 1..)]
+    pub adapters: Vec<String>,
+
+    /// Read more adapter references from FILE, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub adapters_file: Option<PathBuf>,
+
+    /// One weight per adapter, in order (default: 1/N each), used as given.
+    #[arg(long, value_name = "W", num_args = 1.., allow_negative_numbers = true)]
+    pub weights: Vec<f64>,
+
+    /// The examples to measure on (JSON Lines).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+
+    /// The task (default: causal-lm for decoders, classify for encoders).
+    #[arg(long, value_enum)]
+    pub task: Option<TaskArg>,
+
+    /// classify: labelled examples whose embeddings make the class
+    /// prototypes (JSON Lines of {"text", "label"}).
+    #[arg(long, value_name = "FILE")]
+    pub support: Option<PathBuf>,
+
+    /// Examples per forward pass.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub batch_size: usize,
+
+    /// Longest input in tokens (default: the model's max_position_embeddings).
+    /// classify: longer texts are truncated; causal-lm: a longer example is
+    /// an error naming its line, since cutting it would change the loss.
+    #[arg(long, value_name = "N")]
+    pub max_length: Option<usize>,
+
+    /// auto (CUDA when available, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: DeviceArg,
 
     /// Print the result as JSON on stdout.
     #[arg(long)]

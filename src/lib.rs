@@ -8,8 +8,10 @@ pub mod adapter;
 pub mod cli;
 pub mod commands;
 pub mod compose;
+pub mod data;
 pub mod error;
 pub mod hub;
+pub mod model;
 pub mod output;
 
 pub use error::{Error, Result};

@@ -11,6 +11,8 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Uniform(a) => commands::uniform::run(a),
         Command::Verify(a) => commands::verify::run(a),
+        // Needs libtorch: handed, arguments unchanged, to the companion binary.
+        Command::Eval(_) => commands::run_in_companion(),
     };
     if let Err(e) = result {
         eprintln!("lora-merge: error: {e}");

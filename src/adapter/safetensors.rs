@@ -137,12 +137,27 @@ pub struct SafetensorsFile {
     pub map: Arc<Mmap>,
     pub metadata: BTreeMap<String, String>,
     pub tensors: BTreeMap<String, TensorRef>,
+    /// Tensors of a dtype we do not decode (integer buffers such as BERT's
+    /// `position_ids`), by name, with their dtype. Always empty for
+    /// [`SafetensorsFile::open`], which refuses them.
+    pub other: BTreeMap<String, String>,
 }
 
 impl SafetensorsFile {
     /// Map and validate `path`. Errors name the file.
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
-        let path = path.as_ref();
+        Self::open_with(path.as_ref(), false)
+    }
+
+    /// As [`SafetensorsFile::open`], but tensors of a byte-sized dtype we do
+    /// not decode (integers, bool, fp8) are validated like the rest and
+    /// listed in `other` instead of refused. For model checkpoints, which
+    /// carry integer buffers.
+    pub fn open_lenient(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
+        Self::open_with(path.as_ref(), true)
+    }
+
+    fn open_with(path: &Path, lenient: bool) -> Result<SafetensorsFile> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         // Checked before mapping: a zero-length file cannot be mapped, and a
@@ -156,25 +171,32 @@ impl SafetensorsFile {
         // way); the hash we record is of the bytes we parsed.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let map = Arc::new(map);
-        let (metadata, tensors) = parse(&map).map_err(|e| to_error(path, e))?;
-        let tensors = tensors
-            .into_iter()
-            .map(|t| {
-                let tensor = TensorRef {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape,
-                    map: Arc::clone(&map),
-                    range: t.range,
-                };
-                (t.name, tensor)
-            })
-            .collect();
+        let (metadata, parsed) = parse(&map, lenient).map_err(|e| to_error(path, e))?;
+        let mut tensors = BTreeMap::new();
+        let mut other = BTreeMap::new();
+        for t in parsed {
+            match t.dtype {
+                Elem::Float(dtype) => {
+                    let tensor = TensorRef {
+                        name: t.name.clone(),
+                        dtype,
+                        shape: t.shape,
+                        map: Arc::clone(&map),
+                        range: t.range,
+                    };
+                    tensors.insert(t.name, tensor);
+                }
+                Elem::Other(name, _) => {
+                    other.insert(t.name, name.to_string());
+                }
+            }
+        }
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             map,
             metadata,
             tensors,
+            other,
         })
     }
 
@@ -215,11 +237,52 @@ fn to_error(path: &Path, e: SafetensorsError) -> Error {
     Error::invalid(path, format!("not a valid safetensors file: {e}"))
 }
 
+/// An element type: one we decode, or (lenient parsing only) another
+/// byte-sized one, with its name and size.
+#[derive(Debug, Clone, Copy)]
+enum Elem {
+    Float(DType),
+    Other(&'static str, usize),
+}
+
+impl Elem {
+    fn size(self) -> usize {
+        match self {
+            Elem::Float(d) => d.size(),
+            Elem::Other(_, s) => s,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Elem::Float(d) => d.safetensors_name(),
+            Elem::Other(n, _) => n,
+        }
+    }
+}
+
+/// Byte-sized dtypes that lenient parsing validates and sets aside.
+const OTHER_DTYPES: &[(&str, usize)] = &[
+    ("BOOL", 1),
+    ("U8", 1),
+    ("I8", 1),
+    ("F8_E5M2", 1),
+    ("F8_E4M3", 1),
+    ("F8_E8M0", 1),
+    ("I16", 2),
+    ("U16", 2),
+    ("I32", 4),
+    ("U32", 4),
+    ("I64", 8),
+    ("U64", 8),
+    ("C64", 8),
+];
+
 /// A tensor as validated, before it is tied to the map.
 #[derive(Debug)]
 struct Parsed {
     name: String,
-    dtype: DType,
+    dtype: Elem,
     shape: Vec<usize>,
     range: std::ops::Range<usize>,
 }
@@ -227,7 +290,7 @@ struct Parsed {
 type ParsedFile = (BTreeMap<String, String>, Vec<Parsed>);
 
 /// Validate a whole file held in memory. Pure so that tests can feed it bytes.
-fn parse(bytes: &[u8]) -> Result<ParsedFile, SafetensorsError> {
+fn parse(bytes: &[u8], lenient: bool) -> Result<ParsedFile, SafetensorsError> {
     let file_len = bytes.len() as u64;
     let prefix: [u8; LEN_PREFIX] = bytes
         .get(..LEN_PREFIX)
@@ -263,7 +326,7 @@ fn parse(bytes: &[u8]) -> Result<ParsedFile, SafetensorsError> {
         if key == "__metadata__" {
             metadata = parse_metadata(node)?;
         } else {
-            entries.push(parse_entry(key, node)?);
+            entries.push(parse_entry(key, node, lenient)?);
         }
     }
 
@@ -336,13 +399,13 @@ fn parse_metadata(node: Node) -> Result<BTreeMap<String, String>, SafetensorsErr
 /// A tensor entry whose fields have been checked one by one.
 struct Entry {
     name: String,
-    dtype: DType,
+    dtype: Elem,
     shape: Vec<usize>,
     begin: u64,
     end: u64,
 }
 
-fn parse_entry(name: String, node: Node) -> Result<Entry, SafetensorsError> {
+fn parse_entry(name: String, node: Node, lenient: bool) -> Result<Entry, SafetensorsError> {
     let invalid = |msg: String| SafetensorsError::InvalidEntry {
         tensor: name.clone(),
         msg,
@@ -383,12 +446,17 @@ fn parse_entry(name: String, node: Node) -> Result<Entry, SafetensorsError> {
             json_kind(&dtype)
         )));
     };
-    let dtype = match dtype_name.as_str() {
-        "F64" => DType::F64,
-        "F32" => DType::F32,
-        "F16" => DType::F16,
-        "BF16" => DType::BF16,
-        other if KNOWN_UNSUPPORTED_DTYPES.contains(&other) => {
+    let other_dtype = OTHER_DTYPES
+        .iter()
+        .find(|(n, _)| *n == dtype_name)
+        .filter(|_| lenient);
+    let dtype = match (dtype_name.as_str(), other_dtype) {
+        ("F64", _) => Elem::Float(DType::F64),
+        ("F32", _) => Elem::Float(DType::F32),
+        ("F16", _) => Elem::Float(DType::F16),
+        ("BF16", _) => Elem::Float(DType::BF16),
+        (_, Some(&(n, size))) => Elem::Other(n, size),
+        (other, None) if KNOWN_UNSUPPORTED_DTYPES.contains(&other) => {
             return Err(SafetensorsError::UnsupportedDtype {
                 tensor: name,
                 dtype: dtype_name,
@@ -438,7 +506,7 @@ fn parse_entry(name: String, node: Node) -> Result<Entry, SafetensorsError> {
     if nbytes as u64 != actual {
         return Err(SafetensorsError::SizeMismatch {
             tensor: name,
-            dtype: dtype.safetensors_name(),
+            dtype: dtype.name(),
             shape: dims,
             expected: nbytes as u64,
             actual,
@@ -562,7 +630,7 @@ mod tests {
     }
 
     fn err(header: &str, data: &[u8]) -> SafetensorsError {
-        parse(&file_bytes(header, data)).unwrap_err()
+        parse(&file_bytes(header, data), false).unwrap_err()
     }
 
     fn write_temp(bytes: &[u8]) -> tempfile::NamedTempFile {
@@ -613,7 +681,7 @@ mod tests {
     #[test]
     fn too_short() {
         assert_eq!(
-            parse(&[1, 2, 3]).unwrap_err(),
+            parse(&[1, 2, 3], false).unwrap_err(),
             SafetensorsError::TooShort(3)
         );
         // Empty files cannot be mapped; `open` must still answer clearly.
@@ -628,7 +696,7 @@ mod tests {
         let mut b = (MAX_HEADER_LEN + 1).to_le_bytes().to_vec();
         b.extend_from_slice(b"{}");
         assert_eq!(
-            parse(&b).unwrap_err(),
+            parse(&b, false).unwrap_err(),
             SafetensorsError::HeaderTooLarge(MAX_HEADER_LEN + 1)
         );
     }
@@ -638,7 +706,7 @@ mod tests {
         let mut b = 100u64.to_le_bytes().to_vec();
         b.extend_from_slice(b"{}");
         assert_eq!(
-            parse(&b).unwrap_err(),
+            parse(&b, false).unwrap_err(),
             SafetensorsError::HeaderPastEnd {
                 header_len: 100,
                 file_len: 10
@@ -651,7 +719,7 @@ mod tests {
         let mut b = 3u64.to_le_bytes().to_vec();
         b.extend_from_slice(&[b'{', 0xff, b'}']);
         assert_eq!(
-            parse(&b).unwrap_err(),
+            parse(&b, false).unwrap_err(),
             SafetensorsError::HeaderNotUtf8 { valid_up_to: 1 }
         );
     }
@@ -743,6 +811,29 @@ mod tests {
             }
         );
         assert!(e.to_string().starts_with("unsupported dtype I64 in tensor"));
+    }
+
+    #[test]
+    fn lenient_sets_integer_tensors_aside_but_still_checks_them() {
+        let header = r#"{"ids":{"dtype":"I64","shape":[2],"data_offsets":[0,16]},"w":{"dtype":"F32","shape":[1],"data_offsets":[16,20]}}"#;
+        let (_, parsed) = parse(&file_bytes(header, &[0; 20]), true).unwrap();
+        let kinds: Vec<_> = parsed
+            .iter()
+            .map(|p| (p.name.as_str(), p.dtype.name()))
+            .collect();
+        assert_eq!(kinds, [("ids", "I64"), ("w", "F32")]);
+        // The byte count of a set-aside tensor is still validated.
+        let short = r#"{"ids":{"dtype":"I64","shape":[2],"data_offsets":[0,8]}}"#;
+        assert!(matches!(
+            parse(&file_bytes(short, &[0; 8]), true).unwrap_err(),
+            SafetensorsError::SizeMismatch { expected: 16, .. }
+        ));
+        // Sub-byte types have no byte size to check: still refused.
+        let f4 = r#"{"x":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}"#;
+        assert!(matches!(
+            parse(&file_bytes(f4, &[0; 1]), true).unwrap_err(),
+            SafetensorsError::UnsupportedDtype { .. }
+        ));
     }
 
     #[test]

@@ -25,12 +25,56 @@ pub fn torch_companion() -> Option<std::path::PathBuf> {
     Some(exe.with_file_name(format!("lora-merge-torch{}", std::env::consts::EXE_SUFFIX)))
 }
 
-/// References from the command line followed by those in --adapters-file.
-pub fn adapter_refs(given: &[String], file: Option<&Path>) -> Result<Vec<String>> {
+/// Run this command line in the companion binary, which links libtorch, in
+/// place of this process (same arguments, terminal, exit status). Returns
+/// only on failure.
+pub fn run_in_companion() -> Result<()> {
+    let Some(exe) = torch_companion() else {
+        return Err(Error::Usage(
+            "this command needs libtorch, and this lora-merge was built without the `torch` \
+             feature; build it with default features"
+                .into(),
+        ));
+    };
+    if !exe.exists() {
+        return Err(Error::Internal(format!(
+            "{} is missing: it is built and installed with lora-merge (cargo build)",
+            exe.display()
+        )));
+    }
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.arg("cli").args(std::env::args_os().skip(1));
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let e = cmd.exec();
+        Err(Error::Internal(format!(
+            "cannot run {}: {e}",
+            exe.display()
+        )))
+    }
+    #[cfg(not(unix))]
+    {
+        let status = cmd
+            .status()
+            .map_err(|e| Error::Internal(format!("cannot run {}: {e}", exe.display())))?;
+        std::process::exit(status.code().unwrap_or(2));
+    }
+}
+
+/// References from the command line followed by those in --adapters-file;
+/// possibly none.
+pub fn adapter_refs_opt(given: &[String], file: Option<&Path>) -> Result<Vec<String>> {
     let mut refs = given.to_vec();
     if let Some(f) = file {
         refs.extend(source::read_adapters_file(f)?);
     }
+    Ok(refs)
+}
+
+/// References from the command line followed by those in --adapters-file.
+pub fn adapter_refs(given: &[String], file: Option<&Path>) -> Result<Vec<String>> {
+    let refs = adapter_refs_opt(given, file)?;
     if refs.is_empty() {
         return Err(Error::Usage(
             "no adapters given; pass --adapters A B ... or --adapters-file FILE".into(),

@@ -1,0 +1,331 @@
+//! Base models as files: where a model directory's config, tokenizer and
+//! weights are, which architecture it is, and its weights as memory-mapped
+//! views by name. The forward passes themselves need libtorch and live in the
+//! `lora-merge-torch` companion binary; everything here is plain Rust, so it
+//! is checked (and tested) without libtorch.
+
+pub mod config;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::adapter::safetensors::SafetensorsFile;
+use crate::adapter::TensorRef;
+use crate::error::{Error, Result};
+
+pub use config::{Arch, BertConfig, LlamaConfig, RopeScaling};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+const PICKLED_WEIGHTS: &[&str] = &["pytorch_model.bin", "pytorch_model.bin.index.json"];
+
+/// A base model directory, opened and validated: its architecture and every
+/// weight tensor, still in the memory maps.
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub arch: Arch,
+    pub tokenizer: PathBuf,
+    /// Every float tensor of every weights file, by name.
+    pub tensors: BTreeMap<String, TensorRef>,
+    /// Which file each tensor came from (for error messages).
+    pub origin: BTreeMap<String, PathBuf>,
+    /// Non-float tensors set aside (e.g. BERT's int64 `position_ids`).
+    pub skipped: Vec<String>,
+    pub files: Vec<ModelFile>,
+}
+
+/// What `--base` reports about a model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    pub dir: PathBuf,
+    pub architecture: String,
+    pub parameters: usize,
+    pub files: Vec<ModelFile>,
+}
+
+/// A weights file of a base model. Not hashed: base models run to many
+/// gigabytes, and the Hub revision (or the path) identifies them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelFile {
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+impl ModelDir {
+    /// Open a local model directory: `config.json`, `tokenizer.json`, and
+    /// `model.safetensors` or the shards listed in
+    /// `model.safetensors.index.json`. Pickled weights are never read.
+    pub fn open(dir: impl AsRef<Path>) -> Result<ModelDir> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::Usage(format!(
+                "{}: no such model directory (a base model is a directory with config.json, \
+                 tokenizer.json and model.safetensors)",
+                dir.display()
+            )));
+        }
+        let config_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&config_path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::invalid(
+                    &config_path,
+                    "missing: a base model directory needs config.json",
+                )
+            } else {
+                Error::io(&config_path, e)
+            }
+        })?;
+        let arch = Arch::from_config_json(&text).map_err(|m| Error::invalid(&config_path, m))?;
+        let tokenizer = dir.join(TOKENIZER_FILE);
+        if !tokenizer.is_file() {
+            return Err(Error::invalid(
+                &tokenizer,
+                "missing: lora-merge reads the fast tokenizer's tokenizer.json (save it with \
+                 `AutoTokenizer.from_pretrained(...).save_pretrained(DIR)`)",
+            ));
+        }
+
+        let weight_files = weight_files(dir)?;
+        let mut tensors = BTreeMap::new();
+        let mut origin = BTreeMap::new();
+        let mut skipped = Vec::new();
+        let mut files = Vec::new();
+        for path in weight_files {
+            let f = SafetensorsFile::open_lenient(&path)?;
+            for (name, t) in f.tensors.iter() {
+                if let Some(prev) = origin.insert(name.clone(), path.clone()) {
+                    return Err(Error::invalid(
+                        &path,
+                        format!("tensor {name:?} is also in {}", prev.display()),
+                    ));
+                }
+                tensors.insert(name.clone(), t.clone());
+            }
+            skipped.extend(f.other.keys().cloned());
+            files.push(ModelFile {
+                path: path.clone(),
+                size: f.map.len() as u64,
+            });
+        }
+        Ok(ModelDir {
+            dir: dir.to_path_buf(),
+            arch,
+            tokenizer,
+            tensors,
+            origin,
+            skipped,
+            files,
+        })
+    }
+
+    /// The tensor `name`, which must have `shape`. Errors name the file, the
+    /// tensor and both shapes.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<&TensorRef> {
+        let t = self.tensors.get(name).ok_or_else(|| {
+            Error::invalid(
+                &self.dir,
+                format!(
+                    "weight {name:?} is missing ({} architecture, {} tensors in the weights files)",
+                    self.arch.name(),
+                    self.tensors.len()
+                ),
+            )
+        })?;
+        if t.shape != shape {
+            return Err(Error::invalid(
+                self.origin.get(name).unwrap_or(&self.dir),
+                format!(
+                    "weight {name:?} has shape {:?}, but config.json implies {shape:?}",
+                    t.shape
+                ),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// The first of `names` that exists: checkpoints name the same weight
+    /// with or without a wrapper prefix (`bert.`, `model.`).
+    pub fn find<'n>(&self, names: &'n [String]) -> Option<&'n str> {
+        names
+            .iter()
+            .find(|n| self.tensors.contains_key(n.as_str()))
+            .map(String::as_str)
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.tensors.values().map(TensorRef::numel).sum()
+    }
+
+    pub fn summary(&self) -> ModelSummary {
+        ModelSummary {
+            dir: self.dir.clone(),
+            architecture: self.arch.name().to_string(),
+            parameters: self.parameter_count(),
+            files: self.files.clone(),
+        }
+    }
+}
+
+/// The safetensors files holding a model's weights.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    if index.is_file() {
+        return shards_from_index(dir, &index);
+    }
+    if let Some(p) = PICKLED_WEIGHTS
+        .iter()
+        .map(|p| dir.join(p))
+        .find(|p| p.exists())
+    {
+        return Err(Error::invalid(
+            &p,
+            "pickled weights are never loaded (unpickling can run arbitrary code); save the \
+             model with `save_pretrained(DIR, safe_serialization=True)` in an environment you \
+             trust",
+        ));
+    }
+    Err(Error::invalid(
+        dir,
+        format!("no {WEIGHTS_FILE} and no {WEIGHTS_INDEX_FILE}: where are the weights?"),
+    ))
+}
+
+/// Shard files named by `model.safetensors.index.json`'s `weight_map`, in
+/// order, each once. A shard outside the directory is refused.
+fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::invalid(index, format!("not JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::invalid(index, "no \"weight_map\" object"))?;
+    let mut shards: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            Error::invalid(index, format!("weight_map[{tensor:?}] is not a file name"))
+        })?;
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(Error::invalid(
+                index,
+                format!("weight_map[{tensor:?}] = {file:?} is not a file in the model directory"),
+            ));
+        }
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_string());
+        }
+    }
+    shards.sort();
+    if shards.is_empty() {
+        return Err(Error::invalid(index, "weight_map is empty"));
+    }
+    let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+    if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+        return Err(Error::invalid(
+            index,
+            format!("lists shard {} which does not exist", missing.display()),
+        ));
+    }
+    Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_st(path: &Path, tensors: &[(&str, &str, Vec<usize>)]) {
+        let mut header = serde_json::Map::new();
+        let mut off = 0usize;
+        for (name, dtype, shape) in tensors {
+            let size = if *dtype == "I64" { 8 } else { 4 };
+            let n = shape.iter().product::<usize>() * size;
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}),
+            );
+            off += n;
+        }
+        let h = serde_json::to_string(&header).unwrap();
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(h.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, off));
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    const BERT_CONFIG: &str = r#"{"architectures":["BertModel"],"model_type":"bert",
+        "vocab_size":10,"hidden_size":4,"num_hidden_layers":1,"num_attention_heads":2,
+        "intermediate_size":8,"max_position_embeddings":16,"type_vocab_size":2,
+        "layer_norm_eps":1e-12,"hidden_act":"gelu"}"#;
+
+    #[test]
+    fn opens_sharded_models_and_sets_integer_buffers_aside() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(CONFIG_FILE), BERT_CONFIG).unwrap();
+        std::fs::write(d.path().join(TOKENIZER_FILE), "{}").unwrap();
+        write_st(
+            &d.path().join("a.safetensors"),
+            &[("embeddings.word_embeddings.weight", "F32", vec![10, 4])],
+        );
+        write_st(
+            &d.path().join("b.safetensors"),
+            &[
+                ("embeddings.position_ids", "I64", vec![1, 16]),
+                ("pooler.dense.weight", "F32", vec![4, 4]),
+            ],
+        );
+        std::fs::write(
+            d.path().join(WEIGHTS_INDEX_FILE),
+            r#"{"metadata":{},"weight_map":{"embeddings.word_embeddings.weight":"a.safetensors",
+               "embeddings.position_ids":"b.safetensors","pooler.dense.weight":"b.safetensors"}}"#,
+        )
+        .unwrap();
+        let m = ModelDir::open(d.path()).unwrap();
+        assert_eq!(m.arch.name(), "BertModel");
+        assert_eq!(m.tensors.len(), 2);
+        assert_eq!(m.skipped, ["embeddings.position_ids"]);
+        assert!(m.get("pooler.dense.weight", &[4, 4]).is_ok());
+        let e = m
+            .get("pooler.dense.weight", &[4, 5])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("b.safetensors") && e.contains("[4, 4]") && e.contains("[4, 5]"),
+            "{e}"
+        );
+        let e = m
+            .get("encoder.layer.0.attention.self.query.weight", &[4, 4])
+            .unwrap_err();
+        assert!(e
+            .to_string()
+            .contains("\"encoder.layer.0.attention.self.query.weight\" is missing"));
+    }
+
+    #[test]
+    fn refuses_pickles_escaping_shards_and_missing_files() {
+        let d = tempfile::tempdir().unwrap();
+        let e = ModelDir::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("config.json"), "{e}");
+        std::fs::write(d.path().join(CONFIG_FILE), BERT_CONFIG).unwrap();
+        let e = ModelDir::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
+        std::fs::write(d.path().join(TOKENIZER_FILE), "{}").unwrap();
+        std::fs::write(d.path().join("pytorch_model.bin"), "x").unwrap();
+        let e = ModelDir::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("pickled weights are never loaded"), "{e}");
+        std::fs::write(
+            d.path().join(WEIGHTS_INDEX_FILE),
+            r#"{"weight_map":{"w":"../elsewhere.safetensors"}}"#,
+        )
+        .unwrap();
+        let e = ModelDir::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("not a file in the model directory"), "{e}");
+    }
+}
