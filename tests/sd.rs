@@ -308,6 +308,53 @@ fn svd_conv_rank() {
     assert_eq!(n, 12);
 }
 
+/// diffusers' own loader as the oracle (tests/python/sd_loaders.py): the
+/// fixtures and our kohya and diffusers merges of them (weights 0.7, -0.4)
+/// load through `load_lora_weights` into tiny SD 1.5- and SDXL-shaped models
+/// with no warnings and no skipped module, and `fuse_lora` changes exactly
+/// the fixture's weights, each by the expected delta (rel. error <= 1e-5).
+#[test]
+fn diffusers_loads_and_fuses_our_merges() {
+    // 2 models x (1 shape table + 4 fixture files x 6 checks + 6 merges x
+    // 7 checks) + 3 oracle self-tests on SD 1.5.
+    const MIN_CHECKS: usize = 137;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/python/sd_loaders.py"))
+        .arg("--fixtures")
+        .arg(fixtures())
+        .env("LORA_MERGE_BIN", BIN)
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "diffusers loader checks failed:\n{stdout}\n{stderr}"
+    );
+    // The script ends with "N passed, 0 failed"; make sure it really checked.
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let passed: usize = last
+        .split(" passed")
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        last.ends_with(", 0 failed") && passed >= MIN_CHECKS,
+        "expected at least {MIN_CHECKS} passed checks, got {last:?}"
+    );
+    assert!(
+        !stdout.lines().any(|l| l.starts_with("FAIL")),
+        "a check failed:\n{stdout}"
+    );
+}
+
 #[test]
 fn mixed_layouts_need_output_format() {
     let tmp = tempfile::tempdir().unwrap();
