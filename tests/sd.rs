@@ -355,6 +355,49 @@ fn diffusers_loads_and_fuses_our_merges() {
     );
 }
 
+/// `inspect` names each adapter's layout, and `--format` forces one the
+/// same way it does for `uniform`.
+#[test]
+fn inspect_shows_and_forces_the_layout() {
+    let kohya = input("sd15_a", "kohya");
+    let diffusers = input("sd15_b", "diffusers");
+    let peft = input("sd15_a", "peft");
+    let o = run(&["inspect", "--json", &kohya, &diffusers, &peft]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let layouts: Vec<&str> = v["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["format"].as_str().unwrap())
+        .collect();
+    assert_eq!(layouts, ["kohya", "diffusers", "peft"]);
+    assert_eq!(v["adapters"][0]["module_count"], 12);
+
+    let o = run(&["inspect", &kohya, &diffusers]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(text.contains("  layout      kohya\n"), "{text}");
+    assert!(text.contains("  layout      diffusers\n"), "{text}");
+
+    // Forcing the layout the file has changes nothing ...
+    let o = run(&["inspect", "--json", "--format", "kohya", &kohya]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["adapters"][0]["format"], "kohya");
+    // ... and forcing another one reads it as that, and names the file and
+    // the tensor that does not fit.
+    let o = run(&["inspect", "--format", "diffusers", &kohya]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains(
+            "sd15_a_kohya.safetensors: tensor lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"
+        ) && e.contains("not a diffusers LoRA factor"),
+        "{e}"
+    );
+}
+
 #[test]
 fn mixed_layouts_need_output_format() {
     let tmp = tempfile::tempdir().unwrap();
