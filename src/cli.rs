@@ -88,6 +88,18 @@ pub struct AdapterInputs {
     pub adapters_file: Option<PathBuf>,
 }
 
+/// How input files are read; shared by every command that reads adapters.
+#[derive(Debug, Args)]
+pub struct InputFormat {
+    /// Layout of the input files. Stable Diffusion modules line up across
+    /// layouts by their kohya name (lora_unet_down_blocks_0_..., with
+    /// lora_te_ and lora_te1_ both meaning text_encoder); a PEFT adapter
+    /// merged with or written as kohya/diffusers is taken to be on the UNet,
+    /// or on the first text encoder when its paths start with text_model.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    pub format: FormatArg,
+}
+
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// Adapters to describe (see `uniform --adapters` for the forms accepted).
@@ -97,6 +109,9 @@ pub struct InspectArgs {
     /// Read more adapter references from FILE, one per line.
     #[arg(long, value_name = "FILE")]
     pub adapters_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub input_format: InputFormat,
 
     /// Print the report as JSON on stdout.
     #[arg(long)]
@@ -160,13 +175,8 @@ pub struct UniformArgs {
     #[arg(short = 'o', long = "output", value_name = "OUT")]
     pub output: PathBuf,
 
-    /// Layout of the input files. Stable Diffusion modules line up across
-    /// layouts by their kohya name (lora_unet_down_blocks_0_..., with
-    /// lora_te_ and lora_te1_ both meaning text_encoder); a PEFT adapter
-    /// merged with or written as kohya/diffusers is taken to be on the UNet,
-    /// or on the first text encoder when its paths start with text_model.
-    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
-    pub format: FormatArg,
+    #[command(flatten)]
+    pub input_format: InputFormat,
 
     /// Layout of the merged adapter (default: the inputs' layout; inputs in
     /// different layouts need it given).

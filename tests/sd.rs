@@ -299,13 +299,103 @@ fn svd_conv_rank() {
         7
     );
     // rank 3 of a sum of rank-2 and rank-3 convs is not exact, but the
-    // kohya + diffusers inputs did line up: 11 modules, not 22.
+    // kohya + diffusers inputs did line up: 12 modules, not 24.
     let n = f
         .tensors
         .keys()
         .filter(|k| k.ends_with(".lora_down.weight"))
         .count();
-    assert_eq!(n, 11);
+    assert_eq!(n, 12);
+}
+
+/// diffusers' own loader as the oracle (tests/python/sd_loaders.py): the
+/// fixtures and our kohya and diffusers merges of them (weights 0.7, -0.4)
+/// load through `load_lora_weights` into tiny SD 1.5- and SDXL-shaped models
+/// with no warnings and no skipped module, and `fuse_lora` changes exactly
+/// the fixture's weights, each by the expected delta (rel. error <= 1e-5).
+#[test]
+fn diffusers_loads_and_fuses_our_merges() {
+    // 2 models x (1 shape table + 4 fixture files x 6 checks + 6 merges x
+    // 7 checks) + 3 oracle self-tests on SD 1.5.
+    const MIN_CHECKS: usize = 137;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/python/sd_loaders.py"))
+        .arg("--fixtures")
+        .arg(fixtures())
+        .env("LORA_MERGE_BIN", BIN)
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "diffusers loader checks failed:\n{stdout}\n{stderr}"
+    );
+    // The script ends with "N passed, 0 failed"; make sure it really checked.
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let passed: usize = last
+        .split(" passed")
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        last.ends_with(", 0 failed") && passed >= MIN_CHECKS,
+        "expected at least {MIN_CHECKS} passed checks, got {last:?}"
+    );
+    assert!(
+        !stdout.lines().any(|l| l.starts_with("FAIL")),
+        "a check failed:\n{stdout}"
+    );
+}
+
+/// `inspect` names each adapter's layout, and `--format` forces one the
+/// same way it does for `uniform`.
+#[test]
+fn inspect_shows_and_forces_the_layout() {
+    let kohya = input("sd15_a", "kohya");
+    let diffusers = input("sd15_b", "diffusers");
+    let peft = input("sd15_a", "peft");
+    let o = run(&["inspect", "--json", &kohya, &diffusers, &peft]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let layouts: Vec<&str> = v["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["format"].as_str().unwrap())
+        .collect();
+    assert_eq!(layouts, ["kohya", "diffusers", "peft"]);
+    assert_eq!(v["adapters"][0]["module_count"], 12);
+
+    let o = run(&["inspect", &kohya, &diffusers]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(text.contains("  layout      kohya\n"), "{text}");
+    assert!(text.contains("  layout      diffusers\n"), "{text}");
+
+    // Forcing the layout the file has changes nothing ...
+    let o = run(&["inspect", "--json", "--format", "kohya", &kohya]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["adapters"][0]["format"], "kohya");
+    // ... and forcing another one reads it as that, and names the file and
+    // the tensor that does not fit.
+    let o = run(&["inspect", "--format", "diffusers", &kohya]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains(
+            "sd15_a_kohya.safetensors: tensor lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"
+        ) && e.contains("not a diffusers LoRA factor"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use crate::Result;
 
 pub fn run(args: &InspectArgs) -> Result<()> {
     let refs = super::adapter_refs(&args.adapters, args.adapters_file.as_deref())?;
-    let set = AdapterSet::load(&refs)?;
+    let set = AdapterSet::load_as(&refs, super::input_format(&args.input_format))?;
     let summaries: Vec<_> = set.adapters.iter().map(|a| a.summary()).collect();
     // inspect describes; it never refuses a set for not fitting together.
     let report = (set.adapters.len() > 1).then(|| set.report());
@@ -17,6 +17,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     }
     for s in &summaries {
         eprintln!("{}", s.given);
+        eprintln!("  layout      {}", s.format.name());
         for f in &s.files {
             eprintln!(
                 "  file        {} ({}, sha256 {})",

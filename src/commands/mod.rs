@@ -11,7 +11,8 @@ use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::adapter::source;
+use crate::adapter::{source, Format};
+use crate::cli::{FormatArg, InputFormat};
 use crate::{Error, Result};
 
 /// The companion binary that holds everything linked to libtorch: beside
@@ -81,6 +82,16 @@ pub fn adapter_refs(given: &[String], file: Option<&Path>) -> Result<Vec<String>
         ));
     }
     Ok(refs)
+}
+
+/// The layout `--format` forces, or None to detect each file's.
+pub fn input_format(arg: &InputFormat) -> Option<Format> {
+    match arg.format {
+        FormatArg::Auto => None,
+        FormatArg::Peft => Some(Format::Peft),
+        FormatArg::Kohya => Some(Format::Kohya),
+        FormatArg::Diffusers => Some(Format::Diffusers),
+    }
 }
 
 /// A progress bar on stderr, or a hidden one when stderr is not a terminal.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::adapter::{AdapterSet, CompatReport, DType, Format};
-use crate::cli::{DTypeArg, FormatArg, MethodArg, OutputFormatArg, UniformArgs};
+use crate::cli::{DTypeArg, MethodArg, OutputFormatArg, UniformArgs};
 use crate::compose::merge::{self, MergedModule, Method, Weights};
 use crate::output::atomic::{self, Staging, WrittenFile};
 use crate::output::card::{Card, CardInput};
@@ -65,12 +65,7 @@ pub fn run(args: &UniformArgs) -> Result<()> {
         ));
     }
     let weights = Weights::uniform(refs.len(), &args.weights)?;
-    let in_format = match args.format {
-        FormatArg::Auto => None,
-        FormatArg::Peft => Some(Format::Peft),
-        FormatArg::Kohya => Some(Format::Kohya),
-        FormatArg::Diffusers => Some(Format::Diffusers),
-    };
+    let in_format = super::input_format(&args.input_format);
 
     // Refuse a bad output before reading anything large.
     let given_paths: Vec<PathBuf> = refs.iter().map(PathBuf::from).collect();
