@@ -4,6 +4,7 @@
 //! lives under this binary, never in the library. Not meant to be run by
 //! hand.
 
+mod bench;
 mod bert;
 mod engine;
 mod eval;
@@ -34,6 +35,13 @@ fn main() {
     let mut args = std::env::args_os().skip(1);
     match args.next().as_ref().and_then(|a| a.to_str()) {
         Some("info") => println!("{}", info()),
+        Some("bench") => {
+            let rest: Vec<String> = args.filter_map(|a| a.into_string().ok()).collect();
+            if let Err(e) = bench::run(&rest) {
+                eprintln!("lora-merge-torch bench: error: {e}");
+                std::process::exit(e.exit_code());
+            }
+        }
         Some("cli") => {
             let cli = Cli::parse_from(std::iter::once("lora-merge".into()).chain(args));
             let result = match &cli.command {
