@@ -27,22 +27,31 @@ pub struct MergeRecord<'a> {
     pub timings: Value,
     /// The layout to write.
     pub format: Format,
+    /// What `fit` adds: its record in the manifest (`fit`), a card section,
+    /// and files (heatmap, head), all hashed into the manifest like the rest.
+    pub fit: Option<FitExtras>,
 }
 
-pub fn run(args: &UniformArgs) -> Result<()> {
-    let t0 = Instant::now();
-    let refs = super::adapter_refs(&args.inputs.adapters, args.inputs.adapters_file.as_deref())?;
-    let method = match (args.method, args.rank) {
+pub struct FitExtras {
+    pub manifest: Value,
+    pub card_section: String,
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// The materializer the flags ask for. Shared by `uniform` and `fit`.
+pub fn parse_method(
+    method: MethodArg,
+    rank: Option<usize>,
+    conv_rank: Option<usize>,
+) -> Result<Method> {
+    let m = match (method, rank) {
         (MethodArg::Exact, None) => Method::Exact,
         (MethodArg::Linear, None) => Method::Linear,
         (MethodArg::Svd, Some(0)) => return Err(Error::Usage("--rank must be at least 1".into())),
-        (MethodArg::Svd, Some(_)) if args.conv_rank == Some(0) => {
+        (MethodArg::Svd, Some(_)) if conv_rank == Some(0) => {
             return Err(Error::Usage("--conv-rank must be at least 1".into()))
         }
-        (MethodArg::Svd, Some(rank)) => Method::Svd {
-            rank,
-            conv_rank: args.conv_rank,
-        },
+        (MethodArg::Svd, Some(rank)) => Method::Svd { rank, conv_rank },
         (MethodArg::Svd, None) => {
             return Err(Error::Usage(
                 "--method svd needs --rank N (the output rank per module)".into(),
@@ -59,11 +68,18 @@ pub fn run(args: &UniformArgs) -> Result<()> {
             )))
         }
     };
-    if args.conv_rank.is_some() && args.method != MethodArg::Svd {
+    if conv_rank.is_some() && method != MethodArg::Svd {
         return Err(Error::Usage(
             "--conv-rank only applies to --method svd".into(),
         ));
     }
+    Ok(m)
+}
+
+pub fn run(args: &UniformArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let refs = super::adapter_refs(&args.inputs.adapters, args.inputs.adapters_file.as_deref())?;
+    let method = parse_method(args.method, args.rank, args.conv_rank)?;
     let weights = Weights::uniform(refs.len(), &args.weights)?;
     let in_format = super::input_format(&args.input_format);
 
@@ -133,6 +149,7 @@ pub fn run(args: &UniformArgs) -> Result<()> {
         modules: &modules,
         timings: json!({"load_s": load_s, "merge_s": merge_s}),
         format: out_format,
+        fit: None,
     };
     let t2 = Instant::now();
     let (out_dir, written) = write_merge(&args.output, &record)?;
@@ -350,7 +367,11 @@ pub fn write_merge(
         adapter_sha256: &adapter.sha256,
         format: rec.format.name(),
         weights_file,
+        extra_section: rec.fit.as_ref().map(|f| f.card_section.as_str()),
     };
+    for (name, bytes) in rec.fit.iter().flat_map(|f| f.files.iter()) {
+        written.insert(name.clone(), staging.write(name, bytes)?);
+    }
     written.insert(
         "README.md".into(),
         staging.write("README.md", card.render().as_bytes())?,
@@ -412,6 +433,7 @@ pub fn write_merge(
             })
             .collect(),
         timings: rec.timings.clone(),
+        fit: rec.fit.as_ref().map(|f| f.manifest.clone()),
         outputs: written.clone(),
     };
     let manifest_text =

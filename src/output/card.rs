@@ -25,6 +25,8 @@ pub struct Card<'a> {
     pub format: &'a str,
     /// The weights file's name.
     pub weights_file: &'a str,
+    /// Markdown added after the inputs (`fit`'s learned weights).
+    pub extra_section: Option<&'a str>,
 }
 
 fn yaml_str(s: &str) -> String {
@@ -80,6 +82,9 @@ impl Card<'_> {
                 if inp.rslora { "yes" } else { "no" },
                 inp.weights_sha256
             );
+        }
+        if let Some(extra) = self.extra_section {
+            let _ = writeln!(s, "\n{}", extra.trim_end());
         }
         let _ = writeln!(
             s,

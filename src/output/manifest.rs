@@ -24,6 +24,10 @@ pub struct Manifest {
     pub compatibility: Value,
     pub modules: BTreeMap<String, ModuleRecord>,
     pub timings: Value,
+    /// `fit` only: shots, split, hyper-parameters, seed, device, loss curve,
+    /// learned weights per group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit: Option<Value>,
     /// sha256 and size of every other file in the directory.
     pub outputs: BTreeMap<String, WrittenFile>,
 }

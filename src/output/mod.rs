@@ -4,6 +4,7 @@
 pub mod atomic;
 pub mod card;
 pub mod diffusers;
+pub mod heatmap;
 pub mod kohya;
 pub mod manifest;
 pub mod peft;

@@ -154,24 +154,36 @@ struct ClassifyReport {
     examples: usize,
 }
 
+/// The task asked for, or the one the architecture implies; a task the
+/// architecture cannot do is refused.
+pub fn resolve_task(dir: &ModelDir, task: Option<TaskArg>) -> Result<Task> {
+    match (task, dir.arch.is_causal()) {
+        (Some(TaskArg::CausalLm), false) => Err(Error::Usage(format!(
+            "--task causal-lm needs a causal LM; {} is an encoder (use --task classify)",
+            dir.arch.name()
+        ))),
+        (Some(TaskArg::Classify), true) => Err(Error::Usage(format!(
+            "--task classify needs an encoder (BERT); {} is a causal LM (use --task causal-lm)",
+            dir.arch.name()
+        ))),
+        (_, true) => Ok(Task::CausalLm),
+        (_, false) => Ok(Task::Classify),
+    }
+}
+
+/// Sorted distinct labels.
+pub fn label_set(examples: &[LabelledText]) -> Vec<String> {
+    examples
+        .iter()
+        .map(|s| s.label.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 pub fn run(args: &EvalArgs) -> Result<()> {
     let dir = ModelDir::open(&args.base)?;
-    let task = match (args.task, dir.arch.is_causal()) {
-        (Some(TaskArg::CausalLm), false) => {
-            return Err(Error::Usage(format!(
-                "--task causal-lm needs a causal LM; {} is an encoder (use --task classify)",
-                dir.arch.name()
-            )))
-        }
-        (Some(TaskArg::Classify), true) => {
-            return Err(Error::Usage(format!(
-                "--task classify needs an encoder (BERT); {} is a causal LM (use --task causal-lm)",
-                dir.arch.name()
-            )))
-        }
-        (_, true) => Task::CausalLm,
-        (_, false) => Task::Classify,
-    };
+    let task = resolve_task(&dir, args.task)?;
     if args.batch_size == 0 {
         return Err(Error::Usage("--batch-size must be at least 1".into()));
     }
@@ -264,12 +276,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             }
             let support = data::read_labelled(support_path)?;
             let test = data::read_labelled(&args.data)?;
-            let labels: Vec<String> = support
-                .iter()
-                .map(|s| s.label.clone())
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            let labels = label_set(&support);
             let index: BTreeMap<&str, i64> = labels
                 .iter()
                 .enumerate()

@@ -21,7 +21,6 @@ use crate::engine::from_ref;
 /// How composition weights are shared between modules. `eval` uses one
 /// global vector; `fit --granularity` chooses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub enum Grouping {
     /// One weight vector for the whole model.
     Global,
@@ -30,6 +29,9 @@ pub enum Grouping {
     /// One per adapted module.
     Module,
 }
+
+/// Each adapter module name with the index of its weight group.
+pub type ModuleGroups = Vec<(String, usize)>;
 
 /// The stacked factors of one module.
 #[derive(Debug)]
@@ -80,6 +82,8 @@ pub struct LoraBank<'a> {
     pending: BTreeMap<String, String>,
     grouping: Grouping,
     pub groups: Vec<String>,
+    /// Adapter module name -> its group, in model order.
+    assigned: Vec<(String, usize)>,
     /// Names the model asked for, for error messages.
     asked: Vec<String>,
     kind: Kind,
@@ -89,7 +93,7 @@ pub struct LoraBank<'a> {
 /// The model-side name of an adapter module: PEFT names start from the
 /// wrapped model (`model.layers.0...`, `bert.encoder...`), ours from the
 /// backbone.
-fn canonical(name: &str) -> &str {
+pub fn canonical(name: &str) -> &str {
     ["model.", "bert."]
         .iter()
         .find_map(|p| name.strip_prefix(p))
@@ -97,7 +101,7 @@ fn canonical(name: &str) -> &str {
 }
 
 /// The transformer layer a module belongs to (`layers.3.` or `layer.3.`).
-fn layer_of(name: &str) -> Option<&str> {
+pub fn layer_of(name: &str) -> Option<&str> {
     let mut parts = name.split('.');
     while let Some(p) = parts.next() {
         if p == "layers" || p == "layer" {
@@ -133,6 +137,7 @@ impl<'a> LoraBank<'a> {
             pending,
             grouping,
             groups: Vec::new(),
+            assigned: Vec::new(),
             asked: Vec::new(),
             kind,
             device,
@@ -190,6 +195,7 @@ impl<'a> LoraBank<'a> {
             scales.extend(std::iter::repeat_n(m.scale, m.rank));
         }
         let group = self.group(name);
+        self.assigned.push((adapter_name, group));
         let opts = (self.kind, self.device);
         Ok(Some(Lora {
             a: Tensor::cat(&a_parts, 0),
@@ -202,8 +208,9 @@ impl<'a> LoraBank<'a> {
         }))
     }
 
-    /// Every adapter module must have found its layer.
-    pub fn finish(self) -> Result<Vec<String>> {
+    /// Every adapter module must have found its layer. Returns the group
+    /// names and, for each adapter module name, its group.
+    pub fn finish(self) -> Result<(Vec<String>, ModuleGroups)> {
         if let Some((c, name)) = self.pending.into_iter().next() {
             let owner = self
                 .set
@@ -216,7 +223,7 @@ impl<'a> LoraBank<'a> {
                 like.join(", ")
             )));
         }
-        Ok(self.groups)
+        Ok((self.groups, self.assigned))
     }
 }
 

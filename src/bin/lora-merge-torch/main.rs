@@ -8,6 +8,7 @@ mod bench;
 mod bert;
 mod engine;
 mod eval;
+mod fit;
 mod llama;
 mod lora;
 mod model;
@@ -46,6 +47,7 @@ fn main() {
             let cli = Cli::parse_from(std::iter::once("lora-merge".into()).chain(args));
             let result = match &cli.command {
                 Command::Eval(a) => eval::run(a),
+                Command::Fit(a) => fit::run(a),
                 _ => Err(Error::Internal(
                     "lora-merge-torch only runs the commands that need libtorch".into(),
                 )),

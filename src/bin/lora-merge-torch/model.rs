@@ -18,8 +18,9 @@ pub enum Net {
 pub struct Model {
     pub net: Net,
     /// Names of the composition weight groups, in model order.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub groups: Vec<String>,
+    /// Each adapter module name with its group.
+    pub module_groups: Vec<(String, usize)>,
     pub kind: Kind,
     pub device: Device,
     pub max_positions: usize,
@@ -75,10 +76,11 @@ impl Model {
                     )
                 }
             };
-            let groups = bank.finish()?;
+            let (groups, module_groups) = bank.finish()?;
             Ok(Model {
                 net,
                 groups,
+                module_groups,
                 kind,
                 device,
                 max_positions,
