@@ -304,3 +304,239 @@ fn cuda_available() -> bool {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     v.pointer("/torch/cuda_available") == Some(&Value::Bool(true))
 }
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn fit_is_deterministic_and_records_what_it_did() {
+    let f = fixtures();
+    let base = f.join("llama");
+    let shots = f.join("causal.jsonl");
+    let a: Vec<PathBuf> = ["a0", "a1", "a2"]
+        .iter()
+        .map(|a| base.join("adapters").join(a))
+        .collect();
+    let outs = [f.join("fit-a"), f.join("fit-b")];
+    let mut reports = Vec::new();
+    for out in &outs {
+        let o = run(&[
+            "fit",
+            "--base",
+            p(&base),
+            "--adapters",
+            p(&a[0]),
+            p(&a[1]),
+            p(&a[2]),
+            "--shots",
+            p(&shots),
+            "-o",
+            p(out),
+            "--steps",
+            "8",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--json",
+            "--force",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        reports.push(serde_json::from_slice::<Value>(&o.stdout).unwrap());
+    }
+    // Same seed on CPU: same curve, same bytes.
+    assert_eq!(reports[0]["loss_curve"], reports[1]["loss_curve"]);
+    for file in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "weights.svg",
+    ] {
+        let x = std::fs::read(outs[0].join(file)).unwrap();
+        let y = std::fs::read(outs[1].join(file)).unwrap();
+        assert!(x == y, "{file} differs between two runs with one seed");
+    }
+    let r = &reports[0];
+    let curve = r["loss_curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 9, "steps 0..=8");
+    // Step 0 is the uniform merge: its held-out loss is eval's with 1/3 each.
+    let m = read_json(&outs[0].join("merge_manifest.json"));
+    let fit = &m["fit"];
+    let val: Vec<usize> = fit["shots"]["validation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(val.len(), 2, "6 shots, 0.25 held out");
+    assert_eq!(fit["shots"]["count"], 6);
+    assert_eq!(fit["seed"], 3);
+    assert_eq!(fit["shots"]["sha256"].as_str().unwrap().len(), 64);
+    let lines: Vec<&str> = std::fs::read_to_string(&shots)
+        .unwrap()
+        .leak()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let held = f.join("held.jsonl");
+    std::fs::write(
+        &held,
+        val.iter()
+            .map(|&i| format!("{}\n", lines[i]))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let o = run(&[
+        "eval",
+        "--base",
+        p(&base),
+        "--adapters",
+        p(&a[0]),
+        p(&a[1]),
+        p(&a[2]),
+        "--data",
+        p(&held),
+        "--json",
+    ]);
+    let e: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let uniform = fit["validation"]["uniform"]["loss"].as_f64().unwrap();
+    assert!(
+        (e["loss"].as_f64().unwrap() - uniform).abs() / uniform < 1e-5,
+        "{e} vs {uniform}"
+    );
+    assert_eq!(curve[0]["val_loss"].as_f64().unwrap(), uniform);
+    // The best step is the lowest held-out loss.
+    let best = fit["best_step"].as_u64().unwrap() as usize;
+    let min = curve
+        .iter()
+        .map(|c| c["val_loss"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(curve[best]["val_loss"].as_f64().unwrap(), min);
+    // Softmax weights: every group sums to 1.
+    for g in fit["groups"].as_array().unwrap() {
+        let s: f64 = g["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_f64().unwrap())
+            .sum();
+        assert!((s - 1.0).abs() < 1e-9, "{g}");
+    }
+    assert!(std::fs::read_to_string(outs[0].join("README.md"))
+        .unwrap()
+        .contains("](weights.svg)"));
+    let v = run(&["verify", p(&outs[0])]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
+
+#[test]
+fn fit_classify_with_both_heads_and_a_dry_run() {
+    let f = fixtures();
+    let base = f.join("bert");
+    let a: Vec<PathBuf> = ["a0", "a1", "a2"]
+        .iter()
+        .map(|a| base.join("adapters").join(a))
+        .collect();
+    let shots = f.join("classify_all.jsonl");
+    let mut text = std::fs::read_to_string(f.join("classify_support.jsonl")).unwrap();
+    text += &std::fs::read_to_string(f.join("classify_data.jsonl")).unwrap();
+    std::fs::write(&shots, text).unwrap();
+    let out = f.join("fit-cls");
+    let o = run(&[
+        "fit",
+        "--base",
+        p(&base),
+        "--adapters",
+        p(&a[0]),
+        p(&a[1]),
+        p(&a[2]),
+        "--shots",
+        p(&shots),
+        "-o",
+        p(&out),
+        "--dry-run",
+        "--json",
+        "--granularity",
+        "layer",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(plan["groups"], 2, "two layers");
+    assert_eq!(plan["trainable_parameters"], 6);
+    assert_eq!(plan["shots"]["count"], 15);
+    assert!(!out.exists(), "--dry-run wrote {}", out.display());
+    for head in ["prototype", "linear"] {
+        let o = run(&[
+            "fit",
+            "--base",
+            p(&base),
+            "--adapters",
+            p(&a[0]),
+            p(&a[1]),
+            p(&a[2]),
+            "--shots",
+            p(&shots),
+            "-o",
+            p(&out),
+            "--head",
+            head,
+            "--steps",
+            "5",
+            "--force",
+            "--json",
+        ]);
+        assert!(
+            o.status.success(),
+            "{head}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let acc = r["validation"]["learned"]["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+        assert_eq!(
+            out.join("head.safetensors").exists(),
+            head == "linear",
+            "{head}"
+        );
+        let labels = out.join("labels.json");
+        if head == "linear" {
+            assert_eq!(
+                read_json(&labels)["labels"],
+                serde_json::json!(["animals", "food", "weather"])
+            );
+        }
+    }
+    assert_refused(
+        &[
+            "fit",
+            "--base",
+            p(&f.join("llama")),
+            "--adapters",
+            p(&a[0]),
+            "--shots",
+            p(&shots),
+            "-o",
+            p(&out),
+            "--head",
+            "linear",
+        ],
+        &["--head is for --task classify"],
+    );
+    assert_refused(
+        &[
+            "fit",
+            "--base",
+            p(&base),
+            "--adapters",
+            p(&a[0]),
+            "--shots",
+            p(&shots),
+            "-o",
+            p(&out),
+            "--force",
+            "--val-fraction",
+            "1",
+        ],
+        &["--val-fraction must be in [0, 1)"],
+    );
+}

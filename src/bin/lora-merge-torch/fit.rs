@@ -326,14 +326,15 @@ pub fn run(args: &FitArgs) -> Result<()> {
             "--lr and --head-lr must be positive numbers".into(),
         ));
     }
-    let given_paths: Vec<PathBuf> = refs.iter().map(PathBuf::from).collect();
-    if !args.dry_run {
-        atomic::preflight(&args.output, args.force, &given_paths)?;
-    }
     let dir = ModelDir::open(&args.base)?;
     let task = resolve_task(&dir, args.task)?;
     if task == Task::CausalLm && args.head != HeadArg::Prototype {
         return Err(Error::Usage("--head is for --task classify".into()));
+    }
+    // A bad output is refused before the adapters are read.
+    let given_paths: Vec<PathBuf> = refs.iter().map(PathBuf::from).collect();
+    if !args.dry_run {
+        atomic::preflight(&args.output, args.force, &given_paths)?;
     }
     let set = AdapterSet::load(&refs)?;
     let input_files: Vec<PathBuf> = set
