@@ -540,3 +540,102 @@ fn fit_classify_with_both_heads_and_a_dry_run() {
         &["--val-fraction must be in [0, 1)"],
     );
 }
+
+/// A task with a known answer (fixtures/make_fit_fixtures.py): three
+/// adapters trained on the tiny Llama for different tasks, shots from one of
+/// them. `fit` must find it, beat the uniform merge and the base model on
+/// held-out shots, and what it writes must reload in PEFT to the loss it
+/// reported (tests/python/fit_reload.py, 1e-4 relative).
+#[test]
+fn fit_finds_the_adapter_trained_for_the_task_and_peft_reloads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let python = repo().join(".venv/bin/python");
+    let o = Command::new(&python)
+        .arg(repo().join("fixtures/make_fit_fixtures.py"))
+        .args(["-q", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let fit_dir = dir.path().join("fit");
+    let expected = read_json(&fit_dir.join("expected.json"));
+    let target = expected["target_index"].as_u64().unwrap() as usize;
+    let adapters: Vec<PathBuf> = expected["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| fit_dir.join("adapters").join(a.as_str().unwrap()))
+        .collect();
+    let base = dir.path().join("llama");
+    let shots = fit_dir.join("shots.jsonl");
+    let out = dir.path().join("learned");
+    let mut args = vec![
+        "fit",
+        "--base",
+        p(&base),
+        "--shots",
+        p(&shots),
+        "-o",
+        p(&out),
+    ];
+    args.extend(["--device", "cpu", "--json", "--adapters"]);
+    args.extend(adapters.iter().map(|a| p(a)));
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let w: Vec<f64> = r["weights_mean"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    println!("learned weights {w:?}, validation {}", r["validation"]);
+    assert!(w[target] > 0.6, "weight on the target adapter: {w:?}");
+    let loss = |k: &str| r["validation"][k]["loss"].as_f64().unwrap();
+    assert!(
+        loss("learned") < 0.5 * loss("uniform"),
+        "{}",
+        r["validation"]
+    );
+    assert!(loss("uniform") < loss("base"), "{}", r["validation"]);
+
+    // The merged adapter on fresh examples of the task.
+    let heldout = fit_dir.join("heldout.jsonl");
+    let eval = |extra: &[&str]| -> f64 {
+        let mut a = vec!["eval", "--base", p(&base), "--data", p(&heldout), "--json"];
+        a.extend_from_slice(extra);
+        let o = run(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let learned = eval(&["--adapter", p(&out)]);
+    let mut all = vec!["--adapters"];
+    all.extend(adapters.iter().map(|a| p(a)));
+    let uniform = eval(&all);
+    let base_loss = eval(&[]);
+    println!("held-out file: learned {learned}, uniform {uniform}, base {base_loss}");
+    assert!(learned < 0.5 * uniform && uniform < base_loss);
+
+    let o = Command::new(&python)
+        .arg(repo().join("tests/python/fit_reload.py"))
+        .args([
+            "--base",
+            p(&base),
+            "--out",
+            p(&out),
+            "--shots",
+            p(&shots),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "PEFT reload check failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&o.stdout));
+}

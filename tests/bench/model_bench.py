@@ -193,8 +193,8 @@ def torch_child(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         scaled = logits.softmax(-1) * orig  # [groups, N]: w[g, i] * alpha / r
         for layer, row in zip(layers, scaled.unbind(0)):
-            for n, s in zip(names, row.unbind(0)):
-                layer.scaling[n] = s
+            for n, sc in zip(names, row.unbind(0)):
+                layer.scaling[n] = sc
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         emb = F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9), p=2, dim=-1)
