@@ -813,6 +813,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
         }))?;
     } else {
         let acc = |a: Option<f64>| a.map(|a| format!(", accuracy {a:.4}")).unwrap_or_default();
+        eprintln!("{}", curve_table(&curve, best_step));
         if let Some((l, a)) = base_val {
             eprintln!("held-out loss: base {l:.4}{}", acc(a));
         }
@@ -839,6 +840,31 @@ pub fn run(args: &FitArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The loss curve as a small table: every step up to 25, else 20 steps
+/// evenly spread plus the best one.
+fn curve_table(curve: &[Point], best: usize) -> String {
+    let last = curve.len().saturating_sub(1);
+    let mut steps: Vec<usize> = if curve.len() <= 25 {
+        (0..curve.len()).collect()
+    } else {
+        (0..20).map(|i| i * last / 19).collect()
+    };
+    steps.push(best);
+    steps.sort_unstable();
+    steps.dedup();
+    let mut s = String::from("  step  train loss  held-out loss");
+    for &i in &steps {
+        let p = &curve[i];
+        let v = p.val_loss.map_or("-".to_string(), |v| format!("{v:.4}"));
+        let mark = if i == best { "  <- kept" } else { "" };
+        s.push_str(&format!(
+            "\n{:>6}  {:>10.4}  {:>13}{mark}",
+            p.step, p.train_loss, v
+        ));
+    }
+    s
 }
 
 /// Group names for display: the model's own when groups are modules or
