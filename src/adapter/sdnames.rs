@@ -63,9 +63,27 @@ pub fn split_diffusers(name: &str) -> Option<(Component, &str)> {
         .map(|c| (*c, rest))
 }
 
-/// Alignment key of a module path inside a component.
+/// Top-level modules of CLIP's text transformer. transformers 5's
+/// `CLIPTextModel` holds them directly; transformers 4 (and kohya names)
+/// under `text_model.`.
+const CLIP_TEXT_TOP: &[&str] = &["encoder.", "embeddings.", "final_layer_norm."];
+
+/// Does a text-encoder path lack the `text_model.` level (transformers 5)?
+fn flat_clip_path(path: &str) -> bool {
+    CLIP_TEXT_TOP.iter().any(|p| path.starts_with(p))
+}
+
+/// Alignment key of a module path inside a component. Text-encoder paths
+/// saved under transformers 5 (`encoder.layers.0...`) get the
+/// `text_model.` level back, so they line up with kohya's
+/// `lora_te1_text_model_...` and with files saved under transformers 4.
 pub fn key(component: Component, path: &str) -> String {
-    format!("{}{}", component.kohya, path.replace('.', "_"))
+    let text_model = if component != UNET && flat_clip_path(path) {
+        "text_model_"
+    } else {
+        ""
+    };
+    format!("{}{text_model}{}", component.kohya, path.replace('.', "_"))
 }
 
 /// Is `name` an alignment key (as opposed to a plain PEFT module path)?
@@ -76,14 +94,15 @@ pub fn is_key(name: &str) -> bool {
 /// The component of a PEFT module path, and the path inside it. A path that
 /// starts with a component (`unet.`, as lora-merge writes a PEFT adapter
 /// spanning several components) says so; otherwise the component is
-/// guessed: CLIP's `text_model.` means the (first) text encoder, anything
-/// else the UNet. PEFT adapters name no component, so this is a convention,
+/// guessed: CLIP's `text_model.` (or, saved under transformers 5, its
+/// `encoder.`, `embeddings.` and `final_layer_norm.`, which no UNet has) means
+/// the (first) text encoder, anything else the UNet. PEFT adapters name no component, so this is a convention,
 /// stated in the CLI help.
 pub fn split_peft_path(path: &str) -> (Component, &str) {
     if let Some(split) = split_diffusers(path) {
         return split;
     }
-    if path.starts_with("text_model.") {
+    if path.starts_with("text_model.") || flat_clip_path(path) {
         (TEXT_ENCODER, path)
     } else {
         (UNET, path)
@@ -247,5 +266,25 @@ mod tests {
             split_peft_path("text_encoder_2.text_model.x"),
             (TEXT_ENCODER_2, "text_model.x")
         );
+    }
+
+    #[test]
+    fn transformers5_text_encoder_paths_align_with_kohya() {
+        let (c, rest) = split_diffusers("text_encoder.encoder.layers.0.self_attn.q_proj").unwrap();
+        assert_eq!(
+            key(c, rest),
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+        );
+        let (c, rest) =
+            split_kohya("lora_te_text_model_encoder_layers_0_self_attn_q_proj").unwrap();
+        assert_eq!(
+            key(c, rest),
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+        );
+        let (c, rest) = split_peft_path("encoder.layers.3.mlp.fc1");
+        assert_eq!(key(c, rest), "lora_te1_text_model_encoder_layers_3_mlp_fc1");
+        // The UNet is never touched.
+        let (c, rest) = split_peft_path("down_blocks.0.attentions.0.proj_in");
+        assert_eq!(key(c, rest), "lora_unet_down_blocks_0_attentions_0_proj_in");
     }
 }
