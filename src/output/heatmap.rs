@@ -37,9 +37,23 @@ pub fn weights_svg(
 ) -> String {
     let cell_w = 56.0;
     let cell_h = 16.0;
-    let label_w = 8.0 + 6.5 * groups.iter().map(|g| g.len()).max().unwrap_or(4) as f64;
-    let top =
-        40.0 + 7.0 * adapters.iter().map(|a| a.len().min(40)).max().unwrap_or(4) as f64 * 0.75;
+    // Column labels run upwards; long references keep their end, where
+    // names differ (the full reference is the tooltip).
+    let short = |a: &str| -> String {
+        let n = a.chars().count();
+        if n <= 32 {
+            a.to_string()
+        } else {
+            format!("…{}", a.chars().skip(n - 31).collect::<String>())
+        }
+    };
+    let label_w = 8.0 + 6.5 * groups.iter().map(|g| g.chars().count()).max().unwrap_or(4) as f64;
+    let longest = adapters
+        .iter()
+        .map(|a| short(a).chars().count())
+        .max()
+        .unwrap_or(4);
+    let top = 30.0 + 6.5 * longest as f64;
     let width = label_w + cell_w * adapters.len() as f64 + 20.0;
     let height = top + cell_h * groups.len() as f64 + 30.0;
     let max = weights.iter().flatten().fold(0.0f64, |m, w| m.max(w.abs()));
@@ -55,22 +69,13 @@ pub fn weights_svg(
         esc(title)
     );
     for (i, a) in adapters.iter().enumerate() {
-        let x = label_w + cell_w * (i as f64 + 0.5);
-        let short: String = a
-            .chars()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let x = label_w + cell_w * (i as f64 + 0.5) + 4.0;
+        let y = top - 6.0;
         let _ = writeln!(
             s,
-            r#"<text x="{x:.1}" y="{:.1}" transform="rotate(-35 {x:.1} {:.1})"><title>{}</title>{}</text>"#,
-            top - 4.0,
-            top - 4.0,
+            r#"<text x="{x:.1}" y="{y:.1}" transform="rotate(-90 {x:.1} {y:.1})"><title>{}</title>{}</text>"#,
             esc(a),
-            esc(&short)
+            esc(&short(a))
         );
     }
     for (g, name) in groups.iter().enumerate() {

@@ -709,7 +709,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
     let card_section = format!(
         "## Learned composition\n\n\
          Weights learned by `lora-merge fit` on {count} shots ({} for training, {} held out; task \
-         {}) over {} steps, {} weight groups ({:?} granularity). Held-out loss: base model {}, \
+         {}) over {} steps, {} weight groups ({} granularity). Held-out loss: base model {}, \
          uniform merge {}, learned {} (step {best_step}).\n\n\
          ![learned weights per group and adapter](weights.svg)\n\n\
          | adapter | mean weight | min | max |\n|---|---|---|---|\n{}",
@@ -718,7 +718,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
         task.name(),
         args.steps,
         g,
-        grouping,
+        format!("{grouping:?}").to_lowercase(),
         fmt(base_val.map(|b| b.0)),
         fmt(uniform.val_loss),
         fmt(learned.val_loss),
