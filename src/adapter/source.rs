@@ -73,6 +73,35 @@ fn looks_like_hub_ref(s: &str) -> bool {
     ok(owner) && ok(name)
 }
 
+/// Resolve a base model reference (`--base`) to a local directory. Lives
+/// beside adapter resolution so that Hub references are added for both in
+/// one place.
+pub fn resolve_model(given: &str) -> Result<PathBuf> {
+    let path = Path::new(given);
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::canonicalize(path).map_err(|e| Error::io(path, e)),
+        Ok(_) => Err(Error::Usage(format!(
+            "base model {given:?} is a file; pass the model's directory (config.json, \
+             tokenizer.json and model.safetensors)"
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut msg = format!(
+                "base model {given:?}: no such directory (a base model is a directory with \
+                 config.json, tokenizer.json and model.safetensors)"
+            );
+            if looks_like_hub_ref(given) {
+                msg.push_str(
+                    "; it looks like a Hub repository, but Hub references are not supported \
+                     yet: download it (e.g. `huggingface-cli download OWNER/NAME --local-dir \
+                     DIR`) and pass the directory",
+                );
+            }
+            Err(Error::Usage(msg))
+        }
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
 /// Resolve a reference as given on the command line or in an adapters file:
 /// an adapter directory (PEFT's `adapter_model.safetensors` with its
 /// `adapter_config.json`, diffusers' `pytorch_lora_weights.safetensors`, or

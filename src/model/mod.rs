@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::adapter::safetensors::SafetensorsFile;
+use crate::adapter::source;
 use crate::adapter::TensorRef;
 use crate::error::{Error, Result};
 
@@ -56,18 +57,17 @@ pub struct ModelFile {
 }
 
 impl ModelDir {
+    /// Open the base model a `--base` reference names (see
+    /// [`source::resolve_model`]).
+    pub fn open_ref(given: &str) -> Result<ModelDir> {
+        ModelDir::open(source::resolve_model(given)?)
+    }
+
     /// Open a local model directory: `config.json`, `tokenizer.json`, and
     /// `model.safetensors` or the shards listed in
     /// `model.safetensors.index.json`. Pickled weights are never read.
     pub fn open(dir: impl AsRef<Path>) -> Result<ModelDir> {
         let dir = dir.as_ref();
-        if !dir.is_dir() {
-            return Err(Error::Usage(format!(
-                "{}: no such model directory (a base model is a directory with config.json, \
-                 tokenizer.json and model.safetensors)",
-                dir.display()
-            )));
-        }
         let config_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&config_path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -306,6 +306,15 @@ mod tests {
         assert!(e
             .to_string()
             .contains("\"encoder.layer.0.attention.self.query.weight\" is missing"));
+    }
+
+    #[test]
+    fn base_references_resolve_like_adapters() {
+        let e = ModelDir::open_ref("meta-llama/Llama-3.2-1B").err().unwrap().to_string();
+        assert!(e.contains("no such directory") && e.contains("Hub repository"), "{e}");
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let e = ModelDir::open_ref(f.path().to_str().unwrap()).err().unwrap().to_string();
+        assert!(e.contains("is a file"), "{e}");
     }
 
     #[test]

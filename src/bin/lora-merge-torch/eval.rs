@@ -182,7 +182,7 @@ pub fn label_set(examples: &[LabelledText]) -> Vec<String> {
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let dir = ModelDir::open(&args.base)?;
+    let dir = ModelDir::open_ref(&args.base)?;
     let task = resolve_task(&dir, args.task)?;
     if args.batch_size == 0 {
         return Err(Error::Usage("--batch-size must be at least 1".into()));

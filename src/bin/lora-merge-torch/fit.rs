@@ -326,7 +326,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
             "--lr and --head-lr must be positive numbers".into(),
         ));
     }
-    let dir = ModelDir::open(&args.base)?;
+    let dir = ModelDir::open_ref(&args.base)?;
     let task = resolve_task(&dir, args.task)?;
     if task == Task::CausalLm && args.head != HeadArg::Prototype {
         return Err(Error::Usage("--head is for --task classify".into()));
