@@ -371,6 +371,7 @@ fn fit_is_deterministic_and_records_what_it_did() {
     assert_eq!(val.len(), 2, "6 shots, 0.25 held out");
     assert_eq!(fit["shots"]["count"], 6);
     assert_eq!(fit["seed"], 3);
+    assert_eq!(m["command_line"][1], "fit", "{}", m["command_line"]);
     assert_eq!(fit["shots"]["sha256"].as_str().unwrap().len(), 64);
     let lines: Vec<&str> = std::fs::read_to_string(&shots)
         .unwrap()
@@ -638,4 +639,64 @@ fn fit_finds_the_adapter_trained_for_the_task_and_peft_reloads_it() {
         String::from_utf8_lossy(&o.stderr)
     );
     println!("{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// `train` makes an ordinary LoRA that lowers the loss on its data, and that
+/// PEFT loads to the same loss `eval` reports for it.
+#[test]
+fn train_makes_a_lora_that_peft_loads_and_that_helps() {
+    let f = fixtures();
+    let base = f.join("llama");
+    let data = f.join("causal.jsonl");
+    let out = f.join("trained");
+    let o = run(&[
+        "train", "--base", p(&base), "--data", p(&data), "-o", p(&out), "--steps", "30",
+        "--lr", "0.01", "--rank", "4", "--alpha", "8", "--target-modules", "q_proj", "v_proj",
+        "down_proj", "--device", "cpu", "--json", "--force",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["modules"], 6, "2 layers x 3 targets");
+    // r (4) x (in + out) per module: q, v: 4 x (64 + 64) and 4 x (64 + 32); down: 4 x (128 + 64).
+    assert_eq!(r["trainable_parameters"], 2 * (4 * 128 + 4 * 96 + 4 * 192));
+    let curve = r["loss_curve"].as_array().unwrap();
+    let first = curve[0]["train_loss"].as_f64().unwrap();
+    let last = curve.last().unwrap()["train_loss"].as_f64().unwrap();
+    assert!(last < 0.8 * first, "training loss {first} -> {last}");
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    let m = read_json(&out.join("merge_manifest.json"));
+    assert_eq!(m["command_line"][1], "train");
+    assert_eq!(m["training"]["hyper_parameters"]["rank"], 4);
+    assert!(run(&["verify", p(&out)]).status.success());
+
+    let eval = |extra: &[&str]| -> f64 {
+        let mut a = vec!["eval", "--base", p(&base), "--data", p(&data), "--json"];
+        a.extend_from_slice(extra);
+        let o = run(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["loss"].as_f64().unwrap()
+    };
+    let trained = eval(&["--adapter", p(&out)]);
+    let base_loss = eval(&[]);
+    assert!(trained < 0.8 * base_loss, "eval: trained {trained} vs base {base_loss}");
+    let o = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/python/fit_reload.py"))
+        .args(["--base", p(&base), "--out", p(&out), "--shots", p(&data), "--all"])
+        .args(["--expect-loss", &trained.to_string(), "--expect-base-loss", &base_loss.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "PEFT reload check failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // A target that matches nothing is refused, naming the model's layers.
+    assert_refused(
+        &["train", "--base", p(&base), "--data", p(&data), "-o", p(&f.join("t2")),
+          "--target-modules", "query"],
+        &["--target-modules query matches no linear layer", "layers.0.self_attn.q_proj"],
+    );
 }

@@ -132,7 +132,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="output directory of `lora-merge fit`")
     ap.add_argument("--shots", required=True, type=Path, help="the shots file given to `fit`")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--all", action="store_true",
+                    help="score every example of --shots against --expect-loss and --expect-base-loss "
+                         "(for an adapter written by `train`, or with figures from `lora-merge eval`) "
+                         "instead of the manifest's held-out split and losses")
+    ap.add_argument("--expect-loss", type=float, help="with --all: the adapter's loss to match")
+    ap.add_argument("--expect-base-loss", type=float, help="with --all: the base model's loss to match")
     args = ap.parse_args(argv)
+    if args.all and (args.expect_loss is None or args.expect_base_loss is None):
+        ap.error("--all needs --expect-loss and --expect-base-loss")
 
     import torch
     import transformers
@@ -146,16 +154,20 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_warning()
 
     manifest = json.loads((args.out / "merge_manifest.json").read_text())
-    fit = manifest["fit"]
-    val_idx = fit["shots"]["validation"]
     shots = read_shots(args.shots)
-    if not val_idx:
-        print("FAIL: the manifest lists no held-out shots", file=sys.stderr)
-        return 1
-    if max(val_idx) >= len(shots):
-        print(f"FAIL: validation index {max(val_idx)} beyond {len(shots)} shots", file=sys.stderr)
-        return 1
-    rows = [shots[i] for i in val_idx]
+    if args.all:
+        fit = None
+        rows = shots
+    else:
+        fit = manifest["fit"]
+        val_idx = fit["shots"]["validation"]
+        if not val_idx:
+            print("FAIL: the manifest lists no held-out shots", file=sys.stderr)
+            return 1
+        if max(val_idx) >= len(shots):
+            print(f"FAIL: validation index {max(val_idx)} beyond {len(shots)} shots", file=sys.stderr)
+            return 1
+        rows = [shots[i] for i in val_idx]
 
     tok = Tokenizer.from_file(str(args.base / "tokenizer.json"))
     tok.no_padding()
@@ -193,8 +205,11 @@ def main(argv=None) -> int:
     with model.disable_adapter():
         base_loss, _ = heldout_loss(model, tok, rows)
 
-    man_learned = float(fit["validation"]["learned"]["loss"])
-    man_base = float(fit["validation"]["base"]["loss"])
+    if fit is None:
+        man_learned, man_base = args.expect_loss, args.expect_base_loss
+    else:
+        man_learned = float(fit["validation"]["learned"]["loss"])
+        man_base = float(fit["validation"]["base"]["loss"])
     report = {
         "peft_val_loss": peft_loss,
         "manifest_val_loss": man_learned,
@@ -202,7 +217,7 @@ def main(argv=None) -> int:
         "base_val_loss": base_loss,
         "manifest_base_loss": man_base,
         "base_rel_diff": rel_diff(base_loss, man_base),
-        "manifest_uniform_loss": fit["validation"].get("uniform", {}).get("loss"),
+        "manifest_uniform_loss": fit["validation"].get("uniform", {}).get("loss") if fit else None,
         "tolerance": TOLERANCE,
         "examples": len(rows),
         "tokens": tokens,

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 use crate::bert::{self, Bert};
 use crate::engine::{catching, Loader};
 use crate::llama::Llama;
-use crate::lora::{Grouping, LoraBank};
+use crate::lora::{Grouping, LoraBank, TrainSpec, Trained};
 
 pub enum Net {
     Llama(Llama),
@@ -24,6 +24,11 @@ pub struct Model {
     pub kind: Kind,
     pub device: Device,
     pub max_positions: usize,
+    /// The checkpoint's wrapper prefix (`model.`, `bert.` or empty): PEFT
+    /// names modules with it.
+    pub prefix: String,
+    /// LoRAs being trained (`train`), in model order.
+    pub trained: Vec<Trained>,
 }
 
 impl Model {
@@ -36,8 +41,28 @@ impl Model {
         kind: Kind,
         device: Device,
     ) -> Result<Model> {
+        Model::build(dir, set, grouping, None, kind, device)
+    }
+
+    /// The base model with a new trainable LoRA on every target module.
+    pub fn load_training(dir: &ModelDir, spec: TrainSpec, kind: Kind, device: Device) -> Result<Model> {
+        Model::build(dir, None, Grouping::Global, Some(spec), kind, device)
+    }
+
+    fn build(
+        dir: &ModelDir,
+        set: Option<&AdapterSet>,
+        grouping: Grouping,
+        spec: Option<TrainSpec>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Model> {
         catching(|| {
             let mut bank = LoraBank::new(set, grouping, kind, device)?;
+            if let Some(spec) = spec {
+                bank = bank.with_training(spec);
+            }
+            let mut prefix_used = String::new();
             let prefixed = |p: &str, probe: &str| dir.tensors.contains_key(&format!("{p}{probe}"));
             let (net, max_positions) = match &dir.arch {
                 Arch::Llama { config, .. } => {
@@ -46,6 +71,7 @@ impl Model {
                     } else {
                         ""
                     };
+                    prefix_used = prefix.into();
                     let ld = Loader {
                         dir,
                         kind,
@@ -64,6 +90,7 @@ impl Model {
                     } else {
                         ""
                     };
+                    prefix_used = prefix.into();
                     let ld = Loader {
                         dir,
                         kind,
@@ -76,7 +103,8 @@ impl Model {
                     )
                 }
             };
-            let (groups, module_groups) = bank.finish()?;
+            let trained = std::mem::take(&mut bank.trained);
+            let (groups, module_groups) = bank.finish_with(!trained.is_empty())?;
             Ok(Model {
                 net,
                 groups,
@@ -84,6 +112,8 @@ impl Model {
                 kind,
                 device,
                 max_positions,
+                prefix: prefix_used,
+                trained,
             })
         })
     }
