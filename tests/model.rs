@@ -371,6 +371,7 @@ fn fit_is_deterministic_and_records_what_it_did() {
     assert_eq!(val.len(), 2, "6 shots, 0.25 held out");
     assert_eq!(fit["shots"]["count"], 6);
     assert_eq!(fit["seed"], 3);
+    assert_eq!(m["command_line"][1], "fit", "{}", m["command_line"]);
     assert_eq!(fit["shots"]["sha256"].as_str().unwrap().len(), 64);
     let lines: Vec<&str> = std::fs::read_to_string(&shots)
         .unwrap()

@@ -63,6 +63,26 @@ pub fn run_in_companion() -> Result<()> {
     }
 }
 
+/// The command line as the user typed it, the program spelled `lora-merge`
+/// (argv[0] is wherever the binary happened to be). The companion binary
+/// receives the user's arguments after a `cli` marker, which is dropped.
+pub fn command_line() -> Vec<String> {
+    let mut args = std::env::args().skip(1).peekable();
+    let companion = std::env::current_exe()
+        .ok()
+        .and_then(|p| {
+            p.file_stem()
+                .map(|s| s.to_string_lossy().starts_with("lora-merge-torch"))
+        })
+        .unwrap_or(false);
+    if companion && args.peek().map(String::as_str) == Some("cli") {
+        args.next();
+    }
+    std::iter::once("lora-merge".to_string())
+        .chain(args)
+        .collect()
+}
+
 /// References from the command line followed by those in --adapters-file;
 /// possibly none.
 pub fn adapter_refs_opt(given: &[String], file: Option<&Path>) -> Result<Vec<String>> {

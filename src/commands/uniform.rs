@@ -328,9 +328,7 @@ pub fn write_merge(
     }
 
     // argv[0] is wherever the binary happened to be; the card shows the command.
-    let argv: Vec<String> = std::iter::once("lora-merge".to_string())
-        .chain(std::env::args().skip(1))
-        .collect();
+    let argv = super::command_line();
     let command = argv
         .iter()
         .map(|a| shell_quote(a))
