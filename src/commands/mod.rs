@@ -70,12 +70,17 @@ pub fn command_line() -> Vec<String> {
     let mut args = std::env::args().skip(1).peekable();
     let companion = std::env::current_exe()
         .ok()
-        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().starts_with("lora-merge-torch")))
+        .and_then(|p| {
+            p.file_stem()
+                .map(|s| s.to_string_lossy().starts_with("lora-merge-torch"))
+        })
         .unwrap_or(false);
     if companion && args.peek().map(String::as_str) == Some("cli") {
         args.next();
     }
-    std::iter::once("lora-merge".to_string()).chain(args).collect()
+    std::iter::once("lora-merge".to_string())
+        .chain(args)
+        .collect()
 }
 
 /// References from the command line followed by those in --adapters-file;

@@ -310,10 +310,19 @@ mod tests {
 
     #[test]
     fn base_references_resolve_like_adapters() {
-        let e = ModelDir::open_ref("meta-llama/Llama-3.2-1B").err().unwrap().to_string();
-        assert!(e.contains("no such directory") && e.contains("Hub repository"), "{e}");
+        let e = ModelDir::open_ref("meta-llama/Llama-3.2-1B")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("no such directory") && e.contains("Hub repository"),
+            "{e}"
+        );
         let f = tempfile::NamedTempFile::new().unwrap();
-        let e = ModelDir::open_ref(f.path().to_str().unwrap()).err().unwrap().to_string();
+        let e = ModelDir::open_ref(f.path().to_str().unwrap())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("is a file"), "{e}");
     }
 
