@@ -650,9 +650,29 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
     let data = f.join("causal.jsonl");
     let out = f.join("trained");
     let o = run(&[
-        "train", "--base", p(&base), "--data", p(&data), "-o", p(&out), "--steps", "30",
-        "--lr", "0.01", "--rank", "4", "--alpha", "8", "--target-modules", "q_proj", "v_proj",
-        "down_proj", "--device", "cpu", "--json", "--force",
+        "train",
+        "--base",
+        p(&base),
+        "--data",
+        p(&data),
+        "-o",
+        p(&out),
+        "--steps",
+        "30",
+        "--lr",
+        "0.01",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--target-modules",
+        "q_proj",
+        "v_proj",
+        "down_proj",
+        "--device",
+        "cpu",
+        "--json",
+        "--force",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -675,15 +695,33 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
         a.extend_from_slice(extra);
         let o = run(&a);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice::<Value>(&o.stdout).unwrap()["loss"].as_f64().unwrap()
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
     };
     let trained = eval(&["--adapter", p(&out)]);
     let base_loss = eval(&[]);
-    assert!(trained < 0.8 * base_loss, "eval: trained {trained} vs base {base_loss}");
+    assert!(
+        trained < 0.8 * base_loss,
+        "eval: trained {trained} vs base {base_loss}"
+    );
     let o = Command::new(repo().join(".venv/bin/python"))
         .arg(repo().join("tests/python/fit_reload.py"))
-        .args(["--base", p(&base), "--out", p(&out), "--shots", p(&data), "--all"])
-        .args(["--expect-loss", &trained.to_string(), "--expect-base-loss", &base_loss.to_string()])
+        .args([
+            "--base",
+            p(&base),
+            "--out",
+            p(&out),
+            "--shots",
+            p(&data),
+            "--all",
+        ])
+        .args([
+            "--expect-loss",
+            &trained.to_string(),
+            "--expect-base-loss",
+            &base_loss.to_string(),
+        ])
         .output()
         .unwrap();
     assert!(
@@ -695,8 +733,20 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
 
     // A target that matches nothing is refused, naming the model's layers.
     assert_refused(
-        &["train", "--base", p(&base), "--data", p(&data), "-o", p(&f.join("t2")),
-          "--target-modules", "query"],
-        &["--target-modules query matches no linear layer", "layers.0.self_attn.q_proj"],
+        &[
+            "train",
+            "--base",
+            p(&base),
+            "--data",
+            p(&data),
+            "-o",
+            p(&f.join("t2")),
+            "--target-modules",
+            "query",
+        ],
+        &[
+            "--target-modules query matches no linear layer",
+            "layers.0.self_attn.q_proj",
+        ],
     );
 }

@@ -119,7 +119,12 @@ pub(crate) struct Trainer<'a> {
 }
 
 /// Read and tokenize the examples of `task` from `path`.
-pub(crate) fn load_shots(task: Task, path: &std::path::Path, tok: &mut Tok, max_len: usize) -> Result<Shots> {
+pub(crate) fn load_shots(
+    task: Task,
+    path: &std::path::Path,
+    tok: &mut Tok,
+    max_len: usize,
+) -> Result<Shots> {
     match task {
         Task::CausalLm => {
             let ex = data::read_causal(path)?;
@@ -132,10 +137,16 @@ pub(crate) fn load_shots(task: Task, path: &std::path::Path, tok: &mut Tok, max_
             if labels.len() < 2 {
                 return Err(Error::invalid(
                     path,
-                    format!("one label ({}) only: classification needs at least two", labels[0]),
+                    format!(
+                        "one label ({}) only: classification needs at least two",
+                        labels[0]
+                    ),
                 ));
             }
-            let ids = ex.iter().map(|e| tok.encode(&e.text, true)).collect::<Result<Vec<_>>>()?;
+            let ids = ex
+                .iter()
+                .map(|e| tok.encode(&e.text, true))
+                .collect::<Result<Vec<_>>>()?;
             let y = ex
                 .iter()
                 .map(|e| labels.iter().position(|l| *l == e.label).unwrap_or(0) as i64)
@@ -163,11 +174,20 @@ impl Shots {
 
 /// A linear head started at PROTO_SCALE x the class prototypes of `train`
 /// (so it first classifies exactly as the prototypes do), with its own Adam.
-pub(crate) fn new_head(trainer: &Trainer, train: &[usize], mix: &[Tensor], batch: usize, lr: f64) -> Result<Head> {
+pub(crate) fn new_head(
+    trainer: &Trainer,
+    train: &[usize],
+    mix: &[Tensor],
+    batch: usize,
+    lr: f64,
+) -> Result<Head> {
     let protos = {
         let _ng = tch::no_grad_guard();
         let emb = Tensor::cat(
-            &train.chunks(batch).map(|c| trainer.embed(c, mix)).collect::<Vec<_>>(),
+            &train
+                .chunks(batch)
+                .map(|c| trainer.embed(c, mix))
+                .collect::<Vec<_>>(),
             0,
         );
         class_means(&emb, &trainer.labels_of(train), trainer.n_classes()) * PROTO_SCALE
@@ -176,23 +196,45 @@ pub(crate) fn new_head(trainer: &Trainer, train: &[usize], mix: &[Tensor], batch
     let w = hvs.root().var_copy("weight", &protos);
     let b = hvs.root().zeros("bias", &[trainer.n_classes()]);
     let opt = nn::Adam::default().build(&hvs, lr).map_err(tch_err)?;
-    Ok(Head { _vs: hvs, w, b, opt })
+    Ok(Head {
+        _vs: hvs,
+        w,
+        b,
+        opt,
+    })
 }
 
 /// head.safetensors (weight [C, H], bias [C]) and labels.json.
-pub(crate) fn head_files(labels: &[String], hidden: usize, hw: &[f32], hb: &[f32]) -> Result<Vec<(String, Vec<u8>)>> {
+pub(crate) fn head_files(
+    labels: &[String],
+    hidden: usize,
+    hw: &[f32],
+    hb: &[f32],
+) -> Result<Vec<(String, Vec<u8>)>> {
     let mut t = BTreeMap::new();
     t.insert(
         "weight".to_string(),
-        st_out::OutTensor { dtype: DType::F32, shape: vec![labels.len(), hidden], values: hw.into() },
+        st_out::OutTensor {
+            dtype: DType::F32,
+            shape: vec![labels.len(), hidden],
+            values: hw.into(),
+        },
     );
     t.insert(
         "bias".to_string(),
-        st_out::OutTensor { dtype: DType::F32, shape: vec![labels.len()], values: hb.into() },
+        st_out::OutTensor {
+            dtype: DType::F32,
+            shape: vec![labels.len()],
+            values: hb.into(),
+        },
     );
     let mut bytes = Vec::new();
-    st_out::write(&mut bytes, &t, &BTreeMap::from([("format".to_string(), "pt".to_string())]))
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    st_out::write(
+        &mut bytes,
+        &t,
+        &BTreeMap::from([("format".to_string(), "pt".to_string())]),
+    )
+    .map_err(|e| Error::Internal(e.to_string()))?;
     let meta = json!({
         "labels": labels,
         "pooling": "mean over tokens, then L2 normalise",
@@ -200,7 +242,10 @@ pub(crate) fn head_files(labels: &[String], hidden: usize, hw: &[f32], hb: &[f32
     });
     Ok(vec![
         ("head.safetensors".into(), bytes),
-        ("labels.json".into(), (serde_json::to_string_pretty(&meta).unwrap_or_default() + "\n").into_bytes()),
+        (
+            "labels.json".into(),
+            (serde_json::to_string_pretty(&meta).unwrap_or_default() + "\n").into_bytes(),
+        ),
     ])
 }
 
@@ -566,7 +611,13 @@ pub fn run(args: &FitArgs) -> Result<()> {
             (0..g as i64).map(|i| w.get(i)).collect()
         };
         if args.head == HeadArg::Linear {
-            let head = new_head(&trainer, &train, &mix_of(&logits), args.batch_size, args.head_lr)?;
+            let head = new_head(
+                &trainer,
+                &train,
+                &mix_of(&logits),
+                args.batch_size,
+                args.head_lr,
+            )?;
             trainer.head = Some(head);
         }
 

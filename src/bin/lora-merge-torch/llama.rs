@@ -107,7 +107,9 @@ impl Llama {
             let w = ld.get(&format!("{name}.weight"), &[out, inp])?;
             let b = ld.bias(&format!("{name}.bias"), out, bias)?;
             let t = bank.trainable(name, out, inp)?;
-            Ok::<_, lora_merge::Error>(Linear::new(w, b, bank.take(name, out, inp)?).with_trainable(t))
+            Ok::<_, lora_merge::Error>(
+                Linear::new(w, b, bank.take(name, out, inp)?).with_trainable(t),
+            )
         };
         let embed = ld.get("embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);

@@ -257,7 +257,12 @@ impl<'a> LoraBank<'a> {
     /// A new trainable LoRA for the model's module `name` ([out, in]) when it
     /// is a target: A uniform in +-1/sqrt(in) (PEFT's default), B zero, so
     /// training starts from the base model.
-    pub fn trainable(&mut self, name: &str, fan_out: usize, fan_in: usize) -> Result<Option<Trainable>> {
+    pub fn trainable(
+        &mut self,
+        name: &str,
+        fan_out: usize,
+        fan_in: usize,
+    ) -> Result<Option<Trainable>> {
         let Some(spec) = &self.train else {
             return Ok(None);
         };
@@ -273,7 +278,10 @@ impl<'a> LoraBank<'a> {
         let a = p.var(
             "lora_A",
             &[spec.rank, fan_in as i64],
-            nn::Init::Uniform { lo: -bound, up: bound },
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
         );
         let b = p.var("lora_B", &[fan_out as i64, spec.rank], nn::Init::Const(0.0));
         let scale = spec.alpha / spec.rank as f64;
@@ -333,15 +341,10 @@ impl<'a> LoraBank<'a> {
         }))
     }
 
-    /// Every adapter module must have found its layer. Returns the group
-    /// names and, for each adapter module name, its group.
-    pub fn finish(self) -> Result<(Vec<String>, ModuleGroups)> {
-        let any = !self.trained.is_empty();
-        self.finish_with(any)
-    }
-
-    /// [`LoraBank::finish`], told whether any trainable LoRA was made (the
-    /// caller may have taken them out already).
+    /// Every adapter module must have found its layer, and a training run
+    /// must have made at least one trainable LoRA (`any_trained`: the caller
+    /// may have taken them out already). Returns the group names and, for
+    /// each adapter module name, its group.
     pub fn finish_with(self, any_trained: bool) -> Result<(Vec<String>, ModuleGroups)> {
         if let Some(spec) = &self.train {
             if !any_trained {

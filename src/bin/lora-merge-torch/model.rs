@@ -45,7 +45,12 @@ impl Model {
     }
 
     /// The base model with a new trainable LoRA on every target module.
-    pub fn load_training(dir: &ModelDir, spec: TrainSpec, kind: Kind, device: Device) -> Result<Model> {
+    pub fn load_training(
+        dir: &ModelDir,
+        spec: TrainSpec,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Model> {
         Model::build(dir, None, Grouping::Global, Some(spec), kind, device)
     }
 
@@ -62,7 +67,7 @@ impl Model {
             if let Some(spec) = spec {
                 bank = bank.with_training(spec);
             }
-            let mut prefix_used = String::new();
+            let prefix_used: String;
             let prefixed = |p: &str, probe: &str| dir.tensors.contains_key(&format!("{p}{probe}"));
             let (net, max_positions) = match &dir.arch {
                 Arch::Llama { config, .. } => {

@@ -28,8 +28,12 @@ use crate::model::Model;
 use crate::tokenize::Tok;
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Vec::<f32>::try_from(t.to_kind(Kind::Float).to_device(tch::Device::Cpu).flatten(0, -1))
-        .map_err(tch_err)
+    Vec::<f32>::try_from(
+        t.to_kind(Kind::Float)
+            .to_device(tch::Device::Cpu)
+            .flatten(0, -1),
+    )
+    .map_err(tch_err)
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
@@ -40,7 +44,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         ));
     }
     if !(args.lr > 0.0 && args.lr.is_finite() && args.alpha.is_finite() && args.alpha > 0.0) {
-        return Err(Error::Usage("--lr and --alpha must be positive numbers".into()));
+        return Err(Error::Usage(
+            "--lr and --alpha must be positive numbers".into(),
+        ));
     }
     let dir = ModelDir::open_ref(&args.base)?;
     let task = resolve_task(&dir, args.task)?;
@@ -101,7 +107,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         };
         if args.head == HeadArg::Linear {
             // B = 0: the model is the base model here.
-            trainer.head = Some(new_head(&trainer, &all, &[], args.batch_size, args.head_lr)?);
+            trainer.head = Some(new_head(
+                &trainer,
+                &all,
+                &[],
+                args.batch_size,
+                args.head_lr,
+            )?);
         }
         let mut rng = Rng(args.seed);
         let mut order = all.clone();
@@ -244,7 +256,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         adapter.sha256,
         argv.join(" "),
     );
-    written.insert("README.md".into(), staging.write("README.md", card.as_bytes())?);
+    written.insert(
+        "README.md".into(),
+        staging.write("README.md", card.as_bytes())?,
+    );
     let training = json!({
         "task": task.name(),
         "data": {"path": args.data, "sha256": sha256_file(&args.data)?, "count": count},
