@@ -23,7 +23,6 @@ pub struct Model {
     pub module_groups: Vec<(String, usize)>,
     pub kind: Kind,
     pub device: Device,
-    pub max_positions: usize,
 }
 
 impl Model {
@@ -39,42 +38,24 @@ impl Model {
         catching(|| {
             let mut bank = LoraBank::new(set, grouping, kind, device)?;
             let prefixed = |p: &str, probe: &str| dir.tensors.contains_key(&format!("{p}{probe}"));
-            let (net, max_positions) = match &dir.arch {
-                Arch::Llama { config, .. } => {
-                    let prefix = if prefixed("model.", "embed_tokens.weight") {
-                        "model."
-                    } else {
-                        ""
-                    };
-                    let ld = Loader {
-                        dir,
-                        kind,
-                        device,
-                        prefix: prefix.into(),
-                    };
-                    (
-                        Net::Llama(Llama::load(config, &ld, &mut bank)?),
-                        config.max_position_embeddings,
-                    )
-                }
-                Arch::Bert { config, .. } => {
-                    let probe = "embeddings.word_embeddings.weight";
-                    let prefix = if prefixed("bert.", probe) {
-                        "bert."
-                    } else {
-                        ""
-                    };
-                    let ld = Loader {
-                        dir,
-                        kind,
-                        device,
-                        prefix: prefix.into(),
-                    };
-                    (
-                        Net::Bert(Bert::load(config, &ld, &mut bank)?),
-                        config.max_position_embeddings,
-                    )
-                }
+            // Checkpoints name the backbone with or without a wrapper prefix.
+            let (prefix, probe) = match &dir.arch {
+                Arch::Llama { .. } => ("model.", "embed_tokens.weight"),
+                Arch::Bert { .. } => ("bert.", "embeddings.word_embeddings.weight"),
+            };
+            let ld = Loader {
+                dir,
+                kind,
+                device,
+                prefix: if prefixed(prefix, probe) {
+                    prefix.into()
+                } else {
+                    String::new()
+                },
+            };
+            let net = match &dir.arch {
+                Arch::Llama { config, .. } => Net::Llama(Llama::load(config, &ld, &mut bank)?),
+                Arch::Bert { config, .. } => Net::Bert(Bert::load(config, &ld, &mut bank)?),
             };
             let (groups, module_groups) = bank.finish()?;
             Ok(Model {
@@ -83,7 +64,6 @@ impl Model {
                 module_groups,
                 kind,
                 device,
-                max_positions,
             })
         })
     }
