@@ -25,8 +25,14 @@ fi
 stamp=.venv/.lora-merge-setup
 want="${PY_PACKAGES[*]}"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((7 * 1024 * 1024)) ]; then
+    echo "setup: only $((free_kb / 1024)) MiB free here; the venv needs about 5.5 GB and a build about 5 GB more. Free some space first." >&2
+    exit 1
+  fi
   echo "setup: installing ${want} into .venv (about 5 GB with torch's CUDA libraries; a few minutes)" >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+  # --no-cache-dir: a wheel cache would hold a second copy of torch (about 3 GB).
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir "${PY_PACKAGES[@]}"
   printf '%s' "$want" > "$stamp"
 fi
 

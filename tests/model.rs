@@ -3,6 +3,8 @@
 //! computed, and every kind of bad input refused with one clear line.
 #![cfg(feature = "torch")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -11,28 +13,15 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lora-merge");
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::repo;
 
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let python = repo().join(".venv/bin/python");
-        assert!(python.exists(), "run ./setup.sh first");
-        let dir = tempfile::tempdir().unwrap().keep();
-        let out = Command::new(python)
-            .arg(repo().join("fixtures/make_model_fixtures.py"))
-            .args(["-q", "--models", "llama,bert", "--out"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "fixture script failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
+        common::generate(
+            "fixtures/make_model_fixtures.py",
+            &["-q", "--models", "llama,bert"],
+        )
     })
 }
 

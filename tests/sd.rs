@@ -17,36 +17,15 @@ use std::sync::OnceLock;
 use lora_merge::adapter::safetensors::SafetensorsFile;
 use lora_merge::adapter::{sdnames, AdapterSet};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_lora-merge");
 const TOL: f64 = 1e-6;
 
 /// Generate the fixtures once per test binary.
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let python = root.join(".venv/bin/python");
-        assert!(
-            python.exists(),
-            "{} is missing: run ./setup.sh first (it installs torch into .venv)",
-            python.display()
-        );
-        let dir = tempfile::tempdir().unwrap().keep();
-        let out = Command::new(&python)
-            .arg(root.join("fixtures/make_sd_fixtures.py"))
-            .arg("--out")
-            .arg(&dir)
-            .output()
-            .expect("run python");
-        assert!(
-            out.status.success(),
-            "fixture script failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        println!("{}", String::from_utf8_lossy(&out.stdout));
-        dir
-    })
+    DIR.get_or_init(|| common::generate("fixtures/make_sd_fixtures.py", &[]))
 }
 
 fn run(args: &[&str]) -> Output {
@@ -318,37 +297,13 @@ fn diffusers_loads_and_fuses_our_merges() {
     // 2 models x (1 shape table + 4 fixture files x 6 checks + 6 merges x
     // 7 checks) + 3 oracle self-tests on SD 1.5.
     const MIN_CHECKS: usize = 137;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("tests/python/sd_loaders.py"))
-        .arg("--fixtures")
-        .arg(fixtures())
-        .env("LORA_MERGE_BIN", BIN)
-        .env("PYTHONUNBUFFERED", "1")
-        .output()
-        .expect("run python");
+    let out = common::run_script(
+        "tests/python/sd_loaders.py",
+        &["--fixtures".as_ref(), fixtures().as_os_str()],
+        BIN,
+    );
+    common::assert_oracle_passed(&out, "diffusers loader checks", MIN_CHECKS);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "diffusers loader checks failed:\n{stdout}\n{stderr}"
-    );
-    // The script ends with "N passed, 0 failed"; make sure it really checked.
-    let last = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    let passed: usize = last
-        .split(" passed")
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
-    assert!(
-        last.ends_with(", 0 failed") && passed >= MIN_CHECKS,
-        "expected at least {MIN_CHECKS} passed checks, got {last:?}"
-    );
     assert!(
         !stdout.lines().any(|l| l.starts_with("FAIL")),
         "a check failed:\n{stdout}"

@@ -216,6 +216,18 @@ impl AdapterSet {
         Ok(AdapterSet { adapters })
     }
 
+    /// The element type every input tensor shares, else f32: the default
+    /// type of a merge's output.
+    pub fn common_dtype(&self) -> super::DType {
+        let mut all: Vec<super::DType> = self.adapters.iter().flat_map(|a| a.dtypes()).collect();
+        all.sort();
+        all.dedup();
+        match all.as_slice() {
+            [one] => *one,
+            _ => super::DType::F32,
+        }
+    }
+
     /// The layouts of the inputs, sorted, without repeats.
     pub fn formats(&self) -> Vec<Format> {
         let mut f: Vec<Format> = self.adapters.iter().map(|a| a.format).collect();

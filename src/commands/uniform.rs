@@ -125,7 +125,7 @@ pub fn run(args: &UniformArgs) -> Result<()> {
         Some(DTypeArg::F32) => DType::F32,
         Some(DTypeArg::F16) => DType::F16,
         Some(DTypeArg::Bf16) => DType::BF16,
-        None => common_dtype(&set),
+        None => set.common_dtype(),
     };
 
     let n_modules = set
@@ -211,17 +211,6 @@ pub fn run(args: &UniformArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The type every input tensor shares, else f32.
-fn common_dtype(set: &AdapterSet) -> DType {
-    let mut all: Vec<DType> = set.adapters.iter().flat_map(|a| a.dtypes()).collect();
-    all.sort();
-    all.dedup();
-    match all.as_slice() {
-        [one] => *one,
-        _ => DType::F32,
-    }
 }
 
 fn same<T: PartialEq + Clone>(mut it: impl Iterator<Item = T>) -> Option<T> {

@@ -98,6 +98,28 @@ impl Arch {
         matches!(self, Arch::Llama { .. })
     }
 
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Arch::Llama { config, .. } => config.hidden_size,
+            Arch::Bert { config, .. } => config.hidden_size,
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Arch::Llama { config, .. } => config.num_hidden_layers,
+            Arch::Bert { config, .. } => config.num_hidden_layers,
+        }
+    }
+
+    /// The longest input the model takes, in tokens.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Arch::Llama { config, .. } => config.max_position_embeddings,
+            Arch::Bert { config, .. } => config.max_position_embeddings,
+        }
+    }
+
     /// Parse config.json. The error says what is wrong (the caller adds the
     /// file name).
     pub fn from_config_json(text: &str) -> Result<Arch, String> {

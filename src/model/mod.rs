@@ -39,15 +39,6 @@ pub struct ModelDir {
     pub files: Vec<ModelFile>,
 }
 
-/// What `--base` reports about a model.
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelSummary {
-    pub dir: PathBuf,
-    pub architecture: String,
-    pub parameters: usize,
-    pub files: Vec<ModelFile>,
-}
-
 /// A weights file of a base model. Not hashed: base models run to many
 /// gigabytes, and the Hub revision (or the path) identifies them.
 #[derive(Debug, Clone, Serialize)]
@@ -147,26 +138,8 @@ impl ModelDir {
         Ok(t)
     }
 
-    /// The first of `names` that exists: checkpoints name the same weight
-    /// with or without a wrapper prefix (`bert.`, `model.`).
-    pub fn find<'n>(&self, names: &'n [String]) -> Option<&'n str> {
-        names
-            .iter()
-            .find(|n| self.tensors.contains_key(n.as_str()))
-            .map(String::as_str)
-    }
-
     pub fn parameter_count(&self) -> usize {
         self.tensors.values().map(TensorRef::numel).sum()
-    }
-
-    pub fn summary(&self) -> ModelSummary {
-        ModelSummary {
-            dir: self.dir.clone(),
-            architecture: self.arch.name().to_string(),
-            parameters: self.parameter_count(),
-            files: self.files.clone(),
-        }
     }
 }
 

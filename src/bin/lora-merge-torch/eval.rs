@@ -206,7 +206,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let max_len = args.max_length.unwrap_or(usize::MAX);
     let _guard = tch::no_grad_guard();
     let model = Model::load(&dir, set.as_ref(), Grouping::Global, Kind::Float, dev)?;
-    let max_len = max_len.min(model.max_positions);
+    let max_len = max_len.min(dir.arch.max_positions());
     let mix: Vec<Tensor> = if weights.is_empty() {
         Vec::new()
     } else {

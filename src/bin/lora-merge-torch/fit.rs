@@ -17,7 +17,7 @@ use lora_merge::commands::uniform::{parse_method, write_merge, FitExtras, MergeR
 use lora_merge::commands::{adapter_refs, print_json, progress};
 use lora_merge::compose::merge::{self, Weights};
 use lora_merge::data::{self, LabelledText, Task};
-use lora_merge::model::{Arch, ModelDir};
+use lora_merge::model::ModelDir;
 use lora_merge::output::{atomic, heatmap, safetensors as st_out};
 use lora_merge::{Error, Result};
 use serde_json::json;
@@ -25,7 +25,7 @@ use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
 
 use crate::engine::{catching, device, device_name, tch_err};
 use crate::eval::{causal_nll, label_set, resolve_task, tokenize_causal, Tokenized};
-use crate::lora::{canonical, layer_of, Grouping};
+use crate::lora::{canonical, group_key, Grouping};
 use crate::model::Model;
 use crate::tokenize::{pad, Tok};
 
@@ -418,16 +418,7 @@ fn planned_groups(set: &AdapterSet, g: Grouping) -> Vec<String> {
         .adapters
         .iter()
         .flat_map(|a| a.modules.keys())
-        .map(|m| {
-            let c = canonical(m);
-            match g {
-                Grouping::Global => "all".to_string(),
-                Grouping::Layer => {
-                    layer_of(c).map_or_else(|| c.to_string(), |l| format!("layer {l}"))
-                }
-                Grouping::Module => c.to_string(),
-            }
-        })
+        .map(|m| group_key(g, canonical(m)))
         .collect();
     names.sort();
     names.dedup();
@@ -482,10 +473,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
 
     // Shots, split, tokens.
     let mut tok = Tok::load(&dir.tokenizer)?;
-    let model_max = match &dir.arch {
-        Arch::Llama { config, .. } => config.max_position_embeddings,
-        Arch::Bert { config, .. } => config.max_position_embeddings,
-    };
+    let model_max = dir.arch.max_positions();
     let max_len = args.max_length.unwrap_or(model_max).min(model_max);
     let mut rng = Rng(args.seed);
     let shots = load_shots(task, &args.shots, &mut tok, max_len)?;
@@ -503,10 +491,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
         Shots::Classify { labels, .. } => labels.len(),
         Shots::Causal(_) => 0,
     };
-    let hidden = match &dir.arch {
-        Arch::Llama { config, .. } => config.hidden_size,
-        Arch::Bert { config, .. } => config.hidden_size,
-    };
+    let hidden = dir.arch.hidden_size();
     let head_params = if args.head == HeadArg::Linear {
         classes * hidden + classes
     } else {
@@ -520,10 +505,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
             Shots::Causal(t) => t.iter().map(|t| t.ids.len()).max().unwrap_or(0),
             Shots::Classify { ids, .. } => ids.iter().map(Vec::len).max().unwrap_or(0),
         };
-        let layers = match &dir.arch {
-            Arch::Llama { config, .. } => config.num_hidden_layers,
-            Arch::Bert { config, .. } => config.num_hidden_layers,
-        };
+        let layers = dir.arch.num_layers();
         // Activations kept for backward: roughly 24 hidden-sized tensors
         // per layer and token (attention, MLP, norms, LoRA branches).
         let act_bytes = args.batch_size.min(train.len()) * longest * hidden * layers * 24 * 4;
@@ -610,6 +592,12 @@ pub fn run(args: &FitArgs) -> Result<()> {
             let w = l.softmax(-1, Kind::Float);
             (0..g as i64).map(|i| w.get(i)).collect()
         };
+        // The base model, no adapters, before any head exists: with a linear
+        // head this is the prototype classifier over base embeddings (the
+        // head's start).
+        let base_val =
+            (!val.is_empty()).then(|| trainer.val_loss(&train, &val, &[], args.batch_size));
+
         if args.head == HeadArg::Linear {
             let head = new_head(
                 &trainer,
@@ -620,19 +608,6 @@ pub fn run(args: &FitArgs) -> Result<()> {
             )?;
             trainer.head = Some(head);
         }
-
-        let base_val = (!val.is_empty()).then(|| {
-            // The base model: no adapters. With a linear head this is the
-            // prototype classifier over base embeddings (the head's start).
-            let t = Trainer {
-                model: &model,
-                shots: std::mem::replace(&mut trainer.shots, Shots::Causal(Vec::new())),
-                head: None,
-            };
-            let r = t.val_loss(&train, &val, &[], args.batch_size);
-            trainer.shots = t.shots;
-            r
-        });
 
         let bar = progress(args.steps as u64 + 1, "fit");
         let mut order: Vec<usize> = train.clone();
@@ -740,6 +715,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
                 .collect()
         },
     };
+    let group_names = model.groups.clone();
     drop(model);
 
     let bar = progress(report.modules.len() as u64, "merging");
@@ -756,7 +732,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
             "lora-merge fit: learned weights ({} groups x {} adapters)",
             g, n
         ),
-        &model_groups_names(&set, grouping, &weights, &group_weights),
+        &group_names,
         &adapter_names,
         &group_weights,
     );
@@ -827,14 +803,14 @@ pub fn run(args: &FitArgs) -> Result<()> {
             "uniform": {"loss": uniform.val_loss, "accuracy": uniform.val_accuracy},
             "learned": {"loss": learned.val_loss, "accuracy": learned.val_accuracy},
         },
-        "groups": model_groups_names(&set, grouping, &weights, &group_weights)
-            .into_iter()
+        "groups": group_names
+            .iter()
             .zip(&group_weights)
             .map(|(name, w)| json!({"group": name, "weights": w}))
             .collect::<Vec<_>>(),
         "train_seconds": train_s,
     });
-    let dtype = common_dtype(&set);
+    let dtype = set.common_dtype();
     let record = MergeRecord {
         set: &set,
         report: &report,
@@ -924,53 +900,6 @@ pub(crate) fn curve_table(curve: &[Point], best: usize) -> String {
         ));
     }
     s
-}
-
-/// Group names for display: the model's own when groups are modules or
-/// layers (already in `weights.per_module` order), else "all".
-fn model_groups_names(
-    _set: &AdapterSet,
-    g: Grouping,
-    weights: &Weights,
-    group_weights: &[Vec<f64>],
-) -> Vec<String> {
-    match g {
-        Grouping::Global => vec!["all".into()],
-        _ => {
-            // Modules sharing a weight vector are one group; name a group by
-            // its first module (module granularity) or its layer.
-            let mut names: Vec<Option<String>> = vec![None; group_weights.len()];
-            for (m, w) in &weights.per_module {
-                if let Some(i) = group_weights.iter().position(|gw| gw == w) {
-                    if names[i].is_none() {
-                        let c = canonical(m);
-                        names[i] = Some(match g {
-                            Grouping::Layer => {
-                                layer_of(c).map_or_else(|| c.to_string(), |l| format!("layer {l}"))
-                            }
-                            _ => c.to_string(),
-                        });
-                    }
-                }
-            }
-            names
-                .into_iter()
-                .enumerate()
-                .map(|(i, n)| n.unwrap_or_else(|| format!("group {i}")))
-                .collect()
-        }
-    }
-}
-
-/// The type every input tensor shares, else f32.
-fn common_dtype(set: &AdapterSet) -> DType {
-    let mut all: Vec<DType> = set.adapters.iter().flat_map(|a| a.dtypes()).collect();
-    all.sort();
-    all.dedup();
-    match all.as_slice() {
-        [one] => *one,
-        _ => DType::F32,
-    }
 }
 
 #[cfg(test)]

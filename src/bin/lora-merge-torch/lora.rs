@@ -185,6 +185,17 @@ pub fn canonical(name: &str) -> &str {
         .unwrap_or(name)
 }
 
+/// The name of the weight group of a (model-side) module.
+pub fn group_key(grouping: Grouping, module: &str) -> String {
+    match grouping {
+        Grouping::Global => "all".to_string(),
+        Grouping::Layer => {
+            layer_of(module).map_or_else(|| module.to_string(), |l| format!("layer {l}"))
+        }
+        Grouping::Module => module.to_string(),
+    }
+}
+
 /// The transformer layer a module belongs to (`layers.3.` or `layer.3.`).
 pub fn layer_of(name: &str) -> Option<&str> {
     let mut parts = name.split('.');
@@ -232,13 +243,7 @@ impl<'a> LoraBank<'a> {
     }
 
     fn group(&mut self, module: &str) -> usize {
-        let key = match self.grouping {
-            Grouping::Global => "all".to_string(),
-            Grouping::Layer => {
-                layer_of(module).map_or_else(|| module.to_string(), |l| format!("layer {l}"))
-            }
-            Grouping::Module => module.to_string(),
-        };
+        let key = group_key(self.grouping, module);
         match self.groups.iter().position(|g| *g == key) {
             Some(i) => i,
             None => {

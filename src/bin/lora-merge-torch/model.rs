@@ -23,7 +23,6 @@ pub struct Model {
     pub module_groups: Vec<(String, usize)>,
     pub kind: Kind,
     pub device: Device,
-    pub max_positions: usize,
     /// The checkpoint's wrapper prefix (`model.`, `bert.` or empty): PEFT
     /// names modules with it.
     pub prefix: String,
@@ -67,46 +66,26 @@ impl Model {
             if let Some(spec) = spec {
                 bank = bank.with_training(spec);
             }
-            let prefix_used: String;
             let prefixed = |p: &str, probe: &str| dir.tensors.contains_key(&format!("{p}{probe}"));
-            let (net, max_positions) = match &dir.arch {
-                Arch::Llama { config, .. } => {
-                    let prefix = if prefixed("model.", "embed_tokens.weight") {
-                        "model."
-                    } else {
-                        ""
-                    };
-                    prefix_used = prefix.into();
-                    let ld = Loader {
-                        dir,
-                        kind,
-                        device,
-                        prefix: prefix.into(),
-                    };
-                    (
-                        Net::Llama(Llama::load(config, &ld, &mut bank)?),
-                        config.max_position_embeddings,
-                    )
-                }
-                Arch::Bert { config, .. } => {
-                    let probe = "embeddings.word_embeddings.weight";
-                    let prefix = if prefixed("bert.", probe) {
-                        "bert."
-                    } else {
-                        ""
-                    };
-                    prefix_used = prefix.into();
-                    let ld = Loader {
-                        dir,
-                        kind,
-                        device,
-                        prefix: prefix.into(),
-                    };
-                    (
-                        Net::Bert(Bert::load(config, &ld, &mut bank)?),
-                        config.max_position_embeddings,
-                    )
-                }
+            // Checkpoints name the backbone with or without a wrapper prefix.
+            let (prefix, probe) = match &dir.arch {
+                Arch::Llama { .. } => ("model.", "embed_tokens.weight"),
+                Arch::Bert { .. } => ("bert.", "embeddings.word_embeddings.weight"),
+            };
+            let prefix_used = if prefixed(prefix, probe) {
+                prefix.to_string()
+            } else {
+                String::new()
+            };
+            let ld = Loader {
+                dir,
+                kind,
+                device,
+                prefix: prefix_used.clone(),
+            };
+            let net = match &dir.arch {
+                Arch::Llama { config, .. } => Net::Llama(Llama::load(config, &ld, &mut bank)?),
+                Arch::Bert { config, .. } => Net::Bert(Bert::load(config, &ld, &mut bank)?),
             };
             let trained = std::mem::take(&mut bank.trained);
             let (groups, module_groups) = bank.finish_with(!trained.is_empty())?;
@@ -116,7 +95,6 @@ impl Model {
                 module_groups,
                 kind,
                 device,
-                max_positions,
                 prefix: prefix_used,
                 trained,
             })

@@ -1,0 +1,78 @@
+//! What the integration tests that drive Python share: the project's venv,
+//! running a committed script, fixture generation and the "N passed, 0
+//! failed" summary of the oracle scripts. (Each test binary uses a part.)
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The venv's Python, which setup.sh fills with torch and the oracles.
+pub fn python() -> PathBuf {
+    let p = repo().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run ./setup.sh first (it installs torch, transformers, peft and \
+         diffusers into .venv)",
+        p.display()
+    );
+    p
+}
+
+/// Run `script` (relative to the repo) with `args`, the binary under test
+/// as LORA_MERGE_BIN.
+pub fn run_script(script: &str, args: &[&std::ffi::OsStr], bin: &str) -> Output {
+    Command::new(python())
+        .arg(repo().join(script))
+        .args(args)
+        .env("LORA_MERGE_BIN", bin)
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .expect("run python")
+}
+
+/// Run a fixture script into a new directory that outlives the test (the
+/// fixtures are shared by every test of the binary); panics with the
+/// script's output if it fails.
+pub fn generate(script: &str, args: &[&str]) -> PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    all.push("--out".as_ref());
+    all.push(dir.as_os_str());
+    let out = run_script(script, &all, "");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    dir
+}
+
+/// An oracle script's run: it must succeed and end with "N passed, 0
+/// failed" for some N >= `min_checks`, so that a script that checked
+/// nothing cannot pass.
+pub fn assert_oracle_passed(out: &Output, what: &str, min_checks: usize) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "{what} failed:\n{stdout}\n{stderr}");
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let passed: usize = last
+        .split(" passed")
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        last.ends_with(", 0 failed") && passed >= min_checks,
+        "{what}: expected at least {min_checks} passed checks, got {last:?}"
+    );
+}
