@@ -5,7 +5,9 @@
 //! and an optional `.alpha` scalar, with prefixes `lora_unet_`, `lora_te_`
 //! (SD 1.x/2.x), `lora_te1_` and `lora_te2_` (SDXL). sd-scripts scales the
 //! delta by `alpha / r`, and a missing or zero alpha means `alpha = r`
-//! (scale 1). Module names are alignment keys (see [`super::sdnames`]).
+//! (scale 1). Module names are alignment keys (see [`super::sdnames`]): UNet
+//! names after the original SGM UNet, as sd-scripts writes them for SDXL,
+//! become diffusers' names, and the file's own spelling is kept beside them.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +24,8 @@ struct Parts<'a> {
     down: Option<&'a TensorRef>,
     up: Option<&'a TensorRef>,
     alpha: Option<&'a TensorRef>,
+    /// The stem uses SGM UNet names.
+    sgm: bool,
 }
 
 /// Build the modules of one kohya file.
@@ -50,16 +54,21 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
         if rest.is_empty() {
             return Err(invalid(format!("tensor {key} names no module")));
         }
-        let k = sdnames::key(component, rest);
+        let (k, sgm) = sdnames::kohya_key(component, rest);
         let p = parts.entry(k.clone()).or_default();
         if !p.stem.is_empty() && p.stem != stem {
             return Err(invalid(format!(
-                "{} and {stem} are the same module (lora_te_ and lora_te1_ both mean the \
-                 first text encoder)",
-                p.stem
+                "{} and {stem} are the same module ({})",
+                p.stem,
+                if sgm || p.sgm {
+                    "SDXL's original SGM UNet name and diffusers' name of one layer"
+                } else {
+                    "lora_te_ and lora_te1_ both mean the first text encoder"
+                }
             )));
         }
         p.stem = stem;
+        p.sgm = sgm;
         let place = match slot {
             0 => &mut p.down,
             1 => &mut p.up,
@@ -123,6 +132,7 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
                 a: a.clone(),
                 b: b.clone(),
                 path: None,
+                sgm_name: p.sgm.then(|| p.stem.to_string()),
             },
         );
     }
