@@ -196,6 +196,23 @@ mod tests {
         );
         let te1 = "lora_te1_text_model_encoder_layers_0_mlp_fc1";
         assert_eq!(m[te1].alpha, 2.0, "missing alpha means alpha = rank");
+        assert!(m.values().all(|m| m.sgm_name.is_none()));
+    }
+
+    #[test]
+    fn sgm_names_become_diffusers_keys() {
+        let sgm = "lora_unet_output_blocks_2_2_conv";
+        let m = build(&[
+            t(&format!("{sgm}.lora_down.weight"), &[2, 3, 3, 3]),
+            t(&format!("{sgm}.lora_up.weight"), &[7, 2, 1, 1]),
+            scalar(&format!("{sgm}.alpha"), 1.0),
+        ])
+        .unwrap();
+        let k = "lora_unet_up_blocks_0_upsamplers_0_conv";
+        assert_eq!(m.keys().collect::<Vec<_>>(), [k]);
+        assert_eq!(m[k].name, k);
+        assert_eq!(m[k].sgm_name.as_deref(), Some(sgm));
+        assert_eq!(m[k].scale, 0.5);
     }
 
     #[test]
@@ -221,6 +238,21 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("same module"), "{e}");
+        let e = build(&[
+            t("lora_unet_input_blocks_3_0_op.lora_down.weight", &[1, 2]),
+            t("lora_unet_input_blocks_3_0_op.lora_up.weight", &[2, 1]),
+            t(
+                "lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight",
+                &[1, 2],
+            ),
+            t(
+                "lora_unet_down_blocks_0_downsamplers_0_conv.lora_up.weight",
+                &[2, 1],
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("same module") && e.contains("SGM"), "{e}");
         let e = build(&[t("lora_unet_x.weird", &[1])])
             .unwrap_err()
             .to_string();
