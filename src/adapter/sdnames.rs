@@ -403,6 +403,9 @@ pub fn diffusers_to_sgm(flat: &str, layout: UnetLayout) -> Option<String> {
         return Some((*s).to_string());
     }
     let resnet = |x: &str| RESNET_LAYERS.iter().find(|(_, d)| *d == x).map(|(s, _)| *s);
+    // SGM block number `offset` slots into diffusers block `b` (checked:
+    // `b` comes from a file).
+    let slot = |b: usize, offset: usize| b.checked_mul(SLOTS)?.checked_add(offset);
     // `kind_l_rest` of a block: ("resnets" | "attentions", l, rest).
     let layer = |s: &str| {
         let (kind, s) = s.split_once('_')?;
@@ -414,14 +417,14 @@ pub fn diffusers_to_sgm(flat: &str, layout: UnetLayout) -> Option<String> {
         if s == "downsamplers_0_conv" {
             return Some(format!(
                 "input_blocks_{}_0_op",
-                SLOTS * b + LAYERS_PER_BLOCK + 1
+                slot(b, LAYERS_PER_BLOCK + 1)?
             ));
         }
         let (kind, l, rest) = layer(s)?;
         if l >= LAYERS_PER_BLOCK {
             return None;
         }
-        let i = SLOTS * b + l + 1;
+        let i = slot(b, l + 1)?;
         return match kind.as_str() {
             "resnets" => Some(format!("input_blocks_{i}_0_{}", resnet(&rest)?)),
             "attentions" if is_attention_layer(&rest) => Some(format!("input_blocks_{i}_1_{rest}")),
@@ -441,7 +444,7 @@ pub fn diffusers_to_sgm(flat: &str, layout: UnetLayout) -> Option<String> {
     if let Some(s) = flat.strip_prefix("up_blocks_") {
         let (b, s) = index(s)?;
         if s == "upsamplers_0_conv" {
-            let i = SLOTS * b + SLOTS - 1;
+            let i = slot(b, SLOTS - 1)?;
             return Some(format!(
                 "output_blocks_{i}_{}_conv",
                 layout.upsampler_slot(b)
@@ -451,7 +454,7 @@ pub fn diffusers_to_sgm(flat: &str, layout: UnetLayout) -> Option<String> {
         if l >= SLOTS {
             return None;
         }
-        let i = SLOTS * b + l;
+        let i = slot(b, l)?;
         return match kind.as_str() {
             "resnets" => Some(format!("output_blocks_{i}_0_{}", resnet(&rest)?)),
             "attentions" if is_attention_layer(&rest) => {
@@ -721,6 +724,9 @@ mod tests {
             "mid_block_resnets_2_conv1",
             "mid_block_attentions_1_proj_in",
             "conv_norm_out",
+            // Block numbers from a file cannot overflow the arithmetic.
+            "down_blocks_18446744073709551615_downsamplers_0_conv",
+            "up_blocks_18446744073709551615_resnets_0_conv1",
         ] {
             assert_eq!(diffusers_to_sgm(flat, UnetLayout::Sdxl), None, "{flat}");
         }
