@@ -123,9 +123,12 @@ pub struct AdapterInputs {
 pub struct InputFormat {
     /// Layout of the input files. Stable Diffusion modules line up across
     /// layouts by their kohya name (lora_unet_down_blocks_0_..., with
-    /// lora_te_ and lora_te1_ both meaning text_encoder); a PEFT adapter
-    /// merged with or written as kohya/diffusers is taken to be on the UNet,
-    /// or on the first text encoder when its paths start with text_model.
+    /// lora_te_ and lora_te1_ both meaning text_encoder); kohya UNet names
+    /// after the original SGM UNet, as sd-scripts writes them for SDXL
+    /// (lora_unet_input_blocks_4_1_..., middle_block_, output_blocks_), line
+    /// up with diffusers' names for the same layers. A PEFT adapter merged
+    /// with or written as kohya/diffusers is taken to be on the UNet, or on
+    /// the first text encoder when its paths start with text_model.
     #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
     pub format: FormatArg,
 }
@@ -183,7 +186,9 @@ pub enum OutputFormatArg {
     /// adapter_model.safetensors + adapter_config.json.
     Peft,
     /// lora.safetensors with .alpha = rank per module and the inputs'
-    /// ss_*/modelspec.* metadata that still holds.
+    /// ss_*/modelspec.* metadata that still holds. UNet modules get SGM names
+    /// (lora_unet_input_blocks_...) when any kohya input used them, else
+    /// diffusers' names (lora_unet_down_blocks_...).
     Kohya,
     /// pytorch_lora_weights.safetensors with lora_adapter_metadata.
     Diffusers,

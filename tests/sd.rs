@@ -292,11 +292,16 @@ fn svd_conv_rank() {
 /// load through `load_lora_weights` into tiny SD 1.5- and SDXL-shaped models
 /// with no warnings and no skipped module, and `fuse_lora` changes exactly
 /// the fixture's weights, each by the expected delta (rel. error <= 1e-5).
+/// The same for the SGM-named SDXL fixture (whole UNet structure) and our
+/// kohya, diffusers and PEFT (loaded by PEFT) outputs from it, alone and
+/// merged with its diffusers-named twin.
 #[test]
 fn diffusers_loads_and_fuses_our_merges() {
     // 2 models x (1 shape table + 4 fixture files x 6 checks + 6 merges x
-    // 7 checks) + 3 oracle self-tests on SD 1.5.
-    const MIN_CHECKS: usize = 137;
+    // 7 checks) + 3 oracle self-tests on SD 1.5, then SGM-named SDXL: 1
+    // shape table + 1 benchmark coverage + 2 fixture files x 6 + 4 merges
+    // loaded by diffusers x 7 + 1 merge loaded by PEFT x 6.
+    const MIN_CHECKS: usize = 137 + 2 + 12 + 28 + 6;
     let out = common::run_script(
         "tests/python/sd_loaders.py",
         &["--fixtures".as_ref(), fixtures().as_os_str()],
@@ -392,5 +397,227 @@ fn lycoris_is_refused_by_name() {
             let e = String::from_utf8_lossy(&o.stderr);
             assert!(e.contains(what), "{e}");
         }
+    }
+}
+
+/// Tensor names of a safetensors file.
+fn tensor_names(path: &Path) -> Vec<String> {
+    SafetensorsFile::open(path)
+        .unwrap()
+        .tensors
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// Every delta of `got` equals `coeff` times the reference, and the module
+/// set is exactly the reference's (one module per layer). Returns the worst
+/// relative error.
+fn assert_deltas(
+    got: &BTreeMap<String, Vec<f64>>,
+    want: &BTreeMap<String, Vec<f32>>,
+    coeff: f64,
+    what: &str,
+) -> f64 {
+    let names: Vec<&String> = got.keys().collect();
+    let expected: Vec<&String> = want.keys().collect();
+    assert_eq!(names, expected, "{what}: module names");
+    let mut worst: f64 = 0.0;
+    for (k, d) in got {
+        let w: Vec<f64> = want[k].iter().map(|&x| coeff * f64::from(x)).collect();
+        let e = rel_err(d, &w);
+        assert!(e <= TOL, "{what}: {k}: rel error {e:e}");
+        worst = worst.max(e);
+    }
+    worst
+}
+
+/// SGM-named SDXL kohya files (sd-scripts names SDXL UNet modules after the
+/// original SGM UNet; fixture `sgm_a`, every adaptable layer of an
+/// SDXL-structured UNet): converted to diffusers and PEFT they name
+/// diffusers' modules, and kohya output keeps the file's own names.
+#[test]
+fn sgm_named_sdxl_converts_and_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sgm = fixtures().join("sgm_a_kohya.safetensors");
+    let want = reference("sgm_a");
+    let unet_modules = want.keys().filter(|k| k.starts_with("lora_unet_")).count();
+    assert!(unet_modules > 790, "the fixture covers the whole UNet");
+    let mut worst: f64 = 0.0;
+    for to in ["kohya", "diffusers", "peft"] {
+        let out = tmp.path().join(to);
+        ok(&[
+            "uniform",
+            "--adapters",
+            sgm.to_str().unwrap(),
+            "--weights",
+            "1",
+            "--output-format",
+            to,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let file = weights_of(&out);
+        worst = worst.max(assert_deltas(&deltas(&file), &want, 1.0, to));
+        let names = tensor_names(&file);
+        if to == "kohya" {
+            // Names preserved: the same tensors, spelled the same way.
+            assert_eq!(names, tensor_names(&sgm), "kohya output renamed modules");
+        } else {
+            let sgm_spelled: Vec<&String> = names
+                .iter()
+                .filter(|n| {
+                    [
+                        "input_blocks",
+                        "middle_block",
+                        "output_blocks",
+                        "time_embed.",
+                        "label_emb",
+                    ]
+                    .iter()
+                    .any(|p| n.contains(p))
+                })
+                .collect();
+            assert!(sgm_spelled.is_empty(), "{to}: {sgm_spelled:?}");
+            let prefix = if to == "peft" {
+                "base_model.model."
+            } else {
+                ""
+            };
+            for p in [
+                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                "unet.down_blocks.0.downsamplers.0.conv",
+                "unet.mid_block.resnets.1.time_emb_proj",
+                "unet.up_blocks.0.upsamplers.0.conv",
+                "unet.up_blocks.2.resnets.2.conv_shortcut",
+                "unet.add_embedding.linear_1",
+                "unet.conv_in",
+            ] {
+                let k = format!("{prefix}{p}.lora_A.weight");
+                assert!(names.contains(&k), "{to}: no {k}");
+            }
+        }
+    }
+    println!(
+        "SGM-named SDXL: {} modules ({unet_modules} UNet) through kohya, diffusers and PEFT \
+         output, max relative error {worst:.3e}",
+        want.len()
+    );
+}
+
+/// An SGM-named file and a diffusers-named one of the same deltas line up
+/// module by module: the merge has one module per layer, and its delta is
+/// (w1 + w2) times the fixture's, for every output layout. kohya output
+/// uses SGM names when any input did, diffusers' names otherwise.
+#[test]
+fn sgm_and_diffusers_names_merge_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sgm = fixtures().join("sgm_a_kohya.safetensors");
+    let twin = fixtures().join("sgm_a_dnames_kohya.safetensors");
+    let (sgm, twin) = (sgm.to_str().unwrap(), twin.to_str().unwrap());
+    let want = reference("sgm_a");
+    let mut worst: f64 = 0.0;
+    for (w, coeff) in [(["0.3", "0.5"], 0.8), (["0.6", "1.0"], 1.6)] {
+        for to in ["kohya", "diffusers", "peft"] {
+            let out = tmp.path().join(format!("{to}-{coeff}"));
+            ok(&[
+                "uniform",
+                "--adapters",
+                sgm,
+                twin,
+                "--weights",
+                w[0],
+                w[1],
+                "--output-format",
+                to,
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            let file = weights_of(&out);
+            let what = format!("{to}, weights {w:?}");
+            worst = worst.max(assert_deltas(&deltas(&file), &want, coeff, &what));
+            if to == "kohya" {
+                // Both inputs' ranks stacked under the SGM names.
+                let names = tensor_names(&file);
+                assert_eq!(names, tensor_names(Path::new(sgm)), "{what}");
+            }
+        }
+    }
+    // The rule does not depend on the order of the inputs ...
+    let out = tmp.path().join("twin-first");
+    ok(&[
+        "uniform",
+        "--adapters",
+        twin,
+        sgm,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        tensor_names(&weights_of(&out)),
+        tensor_names(Path::new(sgm))
+    );
+    // ... and diffusers-named inputs alone keep diffusers' names.
+    let out = tmp.path().join("twin-only");
+    ok(&["uniform", "--adapters", twin, "-o", out.to_str().unwrap()]);
+    assert_eq!(
+        tensor_names(&weights_of(&out)),
+        tensor_names(Path::new(twin))
+    );
+    println!(
+        "SGM + diffusers-named merges: {} modules each, deltas (w1 + w2) x fixture, max relative \
+         error {worst:.3e}",
+        want.len()
+    );
+}
+
+/// A UNet name in SGM style that is no adaptable layer has no diffusers
+/// name: kohya output keeps it, diffusers and PEFT output refuse it.
+#[test]
+fn unmapped_sgm_names_are_refused_for_diffusers_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("odd.safetensors");
+    let down: Vec<u8> = [0.5f32; 8].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let up: Vec<u8> = [0.25f32; 8].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let name = "lora_unet_input_blocks_1_1_norm";
+    let views = vec![
+        (
+            format!("{name}.lora_down.weight"),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4], &down)
+                .unwrap(),
+        ),
+        (
+            format!("{name}.lora_up.weight"),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 2], &up).unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, None, &input).unwrap();
+    let out = tmp.path().join("k");
+    ok(&[
+        "uniform",
+        "--adapters",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(tensor_names(&weights_of(&out)).contains(&format!("{name}.lora_down.weight")));
+    for to in ["diffusers", "peft"] {
+        let out = tmp.path().join(to);
+        let o = run(&[
+            "uniform",
+            "--adapters",
+            input.to_str().unwrap(),
+            "--output-format",
+            to,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            e.contains(name) && e.contains("--output-format kohya"),
+            "{e}"
+        );
+        assert!(!out.exists());
     }
 }

@@ -162,6 +162,7 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
                 a: a.clone(),
                 b: b.clone(),
                 path: Some(dotted),
+                sgm_name: None,
             },
         );
     }

@@ -5,7 +5,9 @@
 //! and an optional `.alpha` scalar, with prefixes `lora_unet_`, `lora_te_`
 //! (SD 1.x/2.x), `lora_te1_` and `lora_te2_` (SDXL). sd-scripts scales the
 //! delta by `alpha / r`, and a missing or zero alpha means `alpha = r`
-//! (scale 1). Module names are alignment keys (see [`super::sdnames`]).
+//! (scale 1). Module names are alignment keys (see [`super::sdnames`]): UNet
+//! names after the original SGM UNet, as sd-scripts writes them for SDXL,
+//! become diffusers' names, and the file's own spelling is kept beside them.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +24,8 @@ struct Parts<'a> {
     down: Option<&'a TensorRef>,
     up: Option<&'a TensorRef>,
     alpha: Option<&'a TensorRef>,
+    /// The stem uses SGM UNet names.
+    sgm: bool,
 }
 
 /// Build the modules of one kohya file.
@@ -50,16 +54,21 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
         if rest.is_empty() {
             return Err(invalid(format!("tensor {key} names no module")));
         }
-        let k = sdnames::key(component, rest);
+        let (k, sgm) = sdnames::kohya_key(component, rest);
         let p = parts.entry(k.clone()).or_default();
         if !p.stem.is_empty() && p.stem != stem {
             return Err(invalid(format!(
-                "{} and {stem} are the same module (lora_te_ and lora_te1_ both mean the \
-                 first text encoder)",
-                p.stem
+                "{} and {stem} are the same module ({})",
+                p.stem,
+                if sgm || p.sgm {
+                    "SDXL's original SGM UNet name and diffusers' name of one layer"
+                } else {
+                    "lora_te_ and lora_te1_ both mean the first text encoder"
+                }
             )));
         }
         p.stem = stem;
+        p.sgm = sgm;
         let place = match slot {
             0 => &mut p.down,
             1 => &mut p.up,
@@ -123,6 +132,7 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
                 a: a.clone(),
                 b: b.clone(),
                 path: None,
+                sgm_name: p.sgm.then(|| p.stem.to_string()),
             },
         );
     }
@@ -186,6 +196,23 @@ mod tests {
         );
         let te1 = "lora_te1_text_model_encoder_layers_0_mlp_fc1";
         assert_eq!(m[te1].alpha, 2.0, "missing alpha means alpha = rank");
+        assert!(m.values().all(|m| m.sgm_name.is_none()));
+    }
+
+    #[test]
+    fn sgm_names_become_diffusers_keys() {
+        let sgm = "lora_unet_output_blocks_2_2_conv";
+        let m = build(&[
+            t(&format!("{sgm}.lora_down.weight"), &[2, 3, 3, 3]),
+            t(&format!("{sgm}.lora_up.weight"), &[7, 2, 1, 1]),
+            scalar(&format!("{sgm}.alpha"), 1.0),
+        ])
+        .unwrap();
+        let k = "lora_unet_up_blocks_0_upsamplers_0_conv";
+        assert_eq!(m.keys().collect::<Vec<_>>(), [k]);
+        assert_eq!(m[k].name, k);
+        assert_eq!(m[k].sgm_name.as_deref(), Some(sgm));
+        assert_eq!(m[k].scale, 0.5);
     }
 
     #[test]
@@ -211,6 +238,21 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("same module"), "{e}");
+        let e = build(&[
+            t("lora_unet_input_blocks_3_0_op.lora_down.weight", &[1, 2]),
+            t("lora_unet_input_blocks_3_0_op.lora_up.weight", &[2, 1]),
+            t(
+                "lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight",
+                &[1, 2],
+            ),
+            t(
+                "lora_unet_down_blocks_0_downsamplers_0_conv.lora_up.weight",
+                &[2, 1],
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("same module") && e.contains("SGM"), "{e}");
         let e = build(&[t("lora_unet_x.weird", &[1])])
             .unwrap_err()
             .to_string();

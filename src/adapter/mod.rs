@@ -191,6 +191,11 @@ pub struct LoraModule {
     /// plain PEFT modules (`name` is the path) and for kohya inputs (the
     /// path is rebuilt from the key when needed).
     pub path: Option<String>,
+    /// The name as a kohya file spelled it after the original (SGM) UNet
+    /// (`lora_unet_input_blocks_4_1_...`), when it did; `name` is then the
+    /// diffusers-named alignment key. Kept so that kohya output can keep
+    /// the inputs' naming.
+    pub sgm_name: Option<String>,
 }
 
 /// A file we read, as we read it.

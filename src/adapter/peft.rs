@@ -217,6 +217,7 @@ fn build_one(
         a: a.clone(),
         b: b.clone(),
         path: None,
+        sgm_name: None,
     })
 }
 

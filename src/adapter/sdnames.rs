@@ -15,6 +15,13 @@
 //! diffusers' `text_encoder`). The dotted path travels beside the key when
 //! an input knew it, and is only reconstructed from the key (see
 //! [`dotted_from_key`]) when every input was a kohya file.
+//!
+//! kohya files for SDXL name UNet modules after the original (SGM) UNet that
+//! sd-scripts trains: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`
+//! is diffusers' `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`.
+//! Alignment keys always use diffusers' names ([`sgm_to_diffusers`]), so
+//! files of either naming line up; [`diffusers_to_sgm`] is the way back, for
+//! kohya output that keeps the inputs' naming.
 
 /// A pipeline component and its two spellings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +206,285 @@ pub fn dotted_from_key(key: &str) -> Option<String> {
     Some(format!("{}.{}", c.diffusers, dotted_from_flat(rest)))
 }
 
+/// UNet layers per block in SD 1.x, 2.x and XL alike. SGM numbers a down
+/// block's layers as `LAYERS_PER_BLOCK` slots (a resnet, followed by an
+/// attention where the block has them) and one more for the downsampler; an
+/// up block's as `LAYERS_PER_BLOCK + 1` slots, the upsampler joining the
+/// last. Both make a block three consecutive SGM block numbers, after
+/// `input_blocks.0` (`conv_in`) on the way down.
+const LAYERS_PER_BLOCK: usize = 2;
+const SLOTS: usize = LAYERS_PER_BLOCK + 1;
+
+/// The resnet layers a LoRA can adapt (convs and linears, not the norms):
+/// SGM's `ResBlock` names and diffusers' `ResnetBlock2D` names.
+const RESNET_LAYERS: &[(&str, &str)] = &[
+    ("in_layers_2", "conv1"),
+    ("out_layers_3", "conv2"),
+    ("emb_layers_1", "time_emb_proj"),
+    ("skip_connection", "conv_shortcut"),
+];
+
+/// Adaptable modules outside the blocks: (SGM, diffusers).
+const TOP_LEVEL: &[(&str, &str)] = &[
+    ("input_blocks_0_0", "conv_in"),
+    ("out_2", "conv_out"),
+    ("time_embed_0", "time_embedding_linear_1"),
+    ("time_embed_2", "time_embedding_linear_2"),
+    ("label_emb_0_0", "add_embedding_linear_1"),
+    ("label_emb_0_2", "add_embedding_linear_2"),
+];
+
+/// Starts of SGM UNet names (flat, after `lora_unet_`). No diffusers UNet
+/// module name starts like this.
+const SGM_STARTS: &[&str] = &[
+    "input_blocks_",
+    "middle_block_",
+    "output_blocks_",
+    "time_embed_",
+    "label_emb_",
+    "out_",
+];
+
+/// Is this flat UNet name spelled after the SGM UNet?
+pub fn is_sgm(flat: &str) -> bool {
+    SGM_STARTS.iter().any(|p| flat.starts_with(p))
+}
+
+/// The adaptable layers of an attention block (diffusers'
+/// `Transformer2DModel`, SGM's `SpatialTransformer`), named alike in both.
+fn is_attention_layer(rest: &str) -> bool {
+    rest == "proj_in" || rest == "proj_out" || rest.starts_with("transformer_blocks_")
+}
+
+/// `"12_rest"` -> `(12, "rest")`, `"12"` -> `(12, "")`. Plain decimal only
+/// (no `012`), so that names map one to one.
+fn index(s: &str) -> Option<(usize, &str)> {
+    let (n, rest) = match s.split_once('_') {
+        Some((_, "")) => return None,
+        Some(split) => split,
+        None => (s, ""),
+    };
+    let v: usize = n.parse().ok()?;
+    (v.to_string() == n).then_some((v, rest))
+}
+
+/// What a layer inside an SGM block slot is, from its name.
+enum SgmLayer<'a> {
+    /// A resnet layer, by its diffusers name.
+    Resnet(&'static str),
+    Attention(&'a str),
+    Downsampler,
+    Upsampler,
+}
+
+/// Read the layer at position `j` of an SGM block slot: `[resnet]`,
+/// `[resnet, attention]`, `[downsampler]` (`op`), or with an upsampler
+/// (`conv`) last. The layer's own name says what it is, so the mapping needs
+/// no table of which blocks have attentions.
+fn sgm_layer(j: usize, rest: &str) -> Option<SgmLayer<'_>> {
+    if j == 0 {
+        if rest == "op" {
+            return Some(SgmLayer::Downsampler);
+        }
+        return RESNET_LAYERS
+            .iter()
+            .find(|(s, _)| *s == rest)
+            .map(|(_, d)| SgmLayer::Resnet(d));
+    }
+    if rest == "conv" && j <= 2 {
+        return Some(SgmLayer::Upsampler);
+    }
+    (j == 1 && is_attention_layer(rest)).then_some(SgmLayer::Attention(rest))
+}
+
+/// diffusers' name of an SGM UNet module, both flat (after `lora_unet_`):
+/// `input_blocks_4_1_transformer_blocks_0_attn1_to_q` ->
+/// `down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`. `None` for
+/// a name that is not an adaptable module of the SD 1.x/2.x/XL UNets.
+///
+/// The same rules as diffusers' `_maybe_map_sgm_blocks_to_diffusers` and
+/// `_convert_unet_lora_key`, except that an upsampler is recognised by its
+/// name rather than its position (diffusers takes SD 1.x's
+/// `output_blocks_2_1_conv` for an attention).
+pub fn sgm_to_diffusers(flat: &str) -> Option<String> {
+    if let Some((_, d)) = TOP_LEVEL.iter().find(|(s, _)| *s == flat) {
+        return Some((*d).to_string());
+    }
+    if let Some(s) = flat.strip_prefix("input_blocks_") {
+        let (i, s) = index(s)?;
+        let (j, rest) = index(s)?;
+        // input_blocks_0 is conv_in, handled above.
+        let (b, l) = (i.checked_sub(1)? / SLOTS, (i - 1) % SLOTS);
+        return match sgm_layer(j, rest)? {
+            SgmLayer::Resnet(x) if l < LAYERS_PER_BLOCK => {
+                Some(format!("down_blocks_{b}_resnets_{l}_{x}"))
+            }
+            SgmLayer::Attention(x) if l < LAYERS_PER_BLOCK => {
+                Some(format!("down_blocks_{b}_attentions_{l}_{x}"))
+            }
+            SgmLayer::Downsampler if l == LAYERS_PER_BLOCK => {
+                Some(format!("down_blocks_{b}_downsamplers_0_conv"))
+            }
+            _ => None,
+        };
+    }
+    if let Some(s) = flat.strip_prefix("middle_block_") {
+        // [resnet, attention, resnet], one layer per slot.
+        let (i, rest) = index(s)?;
+        return match (i, sgm_layer(usize::from(i == 1), rest)?) {
+            (0 | 2, SgmLayer::Resnet(x)) => Some(format!("mid_block_resnets_{}_{x}", i / 2)),
+            (1, SgmLayer::Attention(x)) => Some(format!("mid_block_attentions_0_{x}")),
+            _ => None,
+        };
+    }
+    if let Some(s) = flat.strip_prefix("output_blocks_") {
+        let (i, s) = index(s)?;
+        let (j, rest) = index(s)?;
+        let (b, l) = (i / SLOTS, i % SLOTS);
+        return match sgm_layer(j, rest)? {
+            SgmLayer::Resnet(x) => Some(format!("up_blocks_{b}_resnets_{l}_{x}")),
+            SgmLayer::Attention(x) => Some(format!("up_blocks_{b}_attentions_{l}_{x}")),
+            SgmLayer::Upsampler if l == SLOTS - 1 => {
+                Some(format!("up_blocks_{b}_upsamplers_0_conv"))
+            }
+            _ => None,
+        };
+    }
+    None
+}
+
+/// The two UNets whose modules have SGM names. They differ, for naming, in
+/// one place: an up block's upsampler follows its attention in the SGM
+/// block (slot 2) when the block has attentions, else its resnet (slot 1).
+/// SDXL's up blocks 0 and 1 have attentions; SD 1.x/2.x's up block 0 has
+/// none (its blocks 1 and 2 do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnetLayout {
+    /// SD 1.x and 2.x: four down and up blocks, no attention in up block 0.
+    Sd1,
+    /// SDXL: three down and up blocks, no attention in down block 0.
+    Sdxl,
+}
+
+impl UnetLayout {
+    /// SD 1.x/2.x when an alignment key names a module only their UNet has
+    /// (a fourth down or up block, attentions in down block 0); else SDXL,
+    /// the UNet whose kohya files use SGM names.
+    pub fn guess<'a>(keys: impl IntoIterator<Item = &'a str>) -> UnetLayout {
+        let sd1_only = [
+            "down_blocks_3_",
+            "up_blocks_3_",
+            "down_blocks_0_attentions_",
+        ];
+        let sd1 = keys.into_iter().any(|k| {
+            k.strip_prefix(UNET.kohya)
+                .is_some_and(|rest| sd1_only.iter().any(|p| rest.starts_with(p)))
+        });
+        if sd1 {
+            UnetLayout::Sd1
+        } else {
+            UnetLayout::Sdxl
+        }
+    }
+
+    fn upsampler_slot(self, up_block: usize) -> usize {
+        if self == UnetLayout::Sd1 && up_block == 0 {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// The SGM name of a diffusers UNet module, both flat: the inverse of
+/// [`sgm_to_diffusers`]. `None` for a module the SGM UNet does not have.
+pub fn diffusers_to_sgm(flat: &str, layout: UnetLayout) -> Option<String> {
+    if let Some((s, _)) = TOP_LEVEL.iter().find(|(_, d)| *d == flat) {
+        return Some((*s).to_string());
+    }
+    let resnet = |x: &str| RESNET_LAYERS.iter().find(|(_, d)| *d == x).map(|(s, _)| *s);
+    // SGM block number `offset` slots into diffusers block `b` (checked:
+    // `b` comes from a file).
+    let slot = |b: usize, offset: usize| b.checked_mul(SLOTS)?.checked_add(offset);
+    // `kind_l_rest` of a block: ("resnets" | "attentions", l, rest).
+    let layer = |s: &str| {
+        let (kind, s) = s.split_once('_')?;
+        let (l, rest) = index(s)?;
+        Some((kind.to_string(), l, rest.to_string()))
+    };
+    if let Some(s) = flat.strip_prefix("down_blocks_") {
+        let (b, s) = index(s)?;
+        if s == "downsamplers_0_conv" {
+            return Some(format!(
+                "input_blocks_{}_0_op",
+                slot(b, LAYERS_PER_BLOCK + 1)?
+            ));
+        }
+        let (kind, l, rest) = layer(s)?;
+        if l >= LAYERS_PER_BLOCK {
+            return None;
+        }
+        let i = slot(b, l + 1)?;
+        return match kind.as_str() {
+            "resnets" => Some(format!("input_blocks_{i}_0_{}", resnet(&rest)?)),
+            "attentions" if is_attention_layer(&rest) => Some(format!("input_blocks_{i}_1_{rest}")),
+            _ => None,
+        };
+    }
+    if let Some(s) = flat.strip_prefix("mid_block_") {
+        let (kind, l, rest) = layer(s)?;
+        return match (kind.as_str(), l) {
+            ("resnets", 0 | 1) => Some(format!("middle_block_{}_{}", 2 * l, resnet(&rest)?)),
+            ("attentions", 0) if is_attention_layer(&rest) => {
+                Some(format!("middle_block_1_{rest}"))
+            }
+            _ => None,
+        };
+    }
+    if let Some(s) = flat.strip_prefix("up_blocks_") {
+        let (b, s) = index(s)?;
+        if s == "upsamplers_0_conv" {
+            let i = slot(b, SLOTS - 1)?;
+            return Some(format!(
+                "output_blocks_{i}_{}_conv",
+                layout.upsampler_slot(b)
+            ));
+        }
+        let (kind, l, rest) = layer(s)?;
+        if l >= SLOTS {
+            return None;
+        }
+        let i = slot(b, l)?;
+        return match kind.as_str() {
+            "resnets" => Some(format!("output_blocks_{i}_0_{}", resnet(&rest)?)),
+            "attentions" if is_attention_layer(&rest) => {
+                Some(format!("output_blocks_{i}_1_{rest}"))
+            }
+            _ => None,
+        };
+    }
+    None
+}
+
+/// The alignment key of a kohya module name (its part after the prefix is
+/// `rest`), and whether the name was an SGM UNet name (mapped to diffusers'
+/// name in the key). SGM-like names that are not adaptable modules of the
+/// SD UNets keep their spelling.
+pub fn kohya_key(component: Component, rest: &str) -> (String, bool) {
+    if component == UNET {
+        if let Some(d) = sgm_to_diffusers(rest) {
+            return (key(UNET, &d), true);
+        }
+    }
+    (key(component, rest), false)
+}
+
+/// An alignment key that still spells an SGM UNet name: one with no
+/// diffusers counterpart, which PEFT and diffusers output cannot name.
+pub fn is_unmapped_sgm_key(key: &str) -> bool {
+    key.strip_prefix(UNET.kohya).is_some_and(is_sgm)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,5 +572,247 @@ mod tests {
         // The UNet is never touched.
         let (c, rest) = split_peft_path("down_blocks.0.attentions.0.proj_in");
         assert_eq!(key(c, rest), "lora_unet_down_blocks_0_attentions_0_proj_in");
+    }
+    /// Pairs read off the two UNets' structures (SGM's `UNetModel`,
+    /// diffusers' `UNet2DConditionModel`) and diffusers' own conversion
+    /// (`_maybe_map_sgm_blocks_to_diffusers`, `_convert_unet_lora_key`).
+    const SDXL_PAIRS: &[(&str, &str)] = &[
+        ("input_blocks_0_0", "conv_in"),
+        (
+            "input_blocks_1_0_in_layers_2",
+            "down_blocks_0_resnets_0_conv1",
+        ),
+        (
+            "input_blocks_2_0_emb_layers_1",
+            "down_blocks_0_resnets_1_time_emb_proj",
+        ),
+        ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+        (
+            "input_blocks_4_0_skip_connection",
+            "down_blocks_1_resnets_0_conv_shortcut",
+        ),
+        (
+            "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+            "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+        ),
+        (
+            "input_blocks_5_1_proj_in",
+            "down_blocks_1_attentions_1_proj_in",
+        ),
+        ("input_blocks_6_0_op", "down_blocks_1_downsamplers_0_conv"),
+        (
+            "input_blocks_8_1_transformer_blocks_9_attn2_to_out_0",
+            "down_blocks_2_attentions_1_transformer_blocks_9_attn2_to_out_0",
+        ),
+        ("middle_block_0_out_layers_3", "mid_block_resnets_0_conv2"),
+        (
+            "middle_block_1_transformer_blocks_9_ff_net_0_proj",
+            "mid_block_attentions_0_transformer_blocks_9_ff_net_0_proj",
+        ),
+        (
+            "middle_block_2_emb_layers_1",
+            "mid_block_resnets_1_time_emb_proj",
+        ),
+        (
+            "output_blocks_0_0_skip_connection",
+            "up_blocks_0_resnets_0_conv_shortcut",
+        ),
+        (
+            "output_blocks_0_1_proj_out",
+            "up_blocks_0_attentions_0_proj_out",
+        ),
+        (
+            "output_blocks_2_1_transformer_blocks_3_ff_net_2",
+            "up_blocks_0_attentions_2_transformer_blocks_3_ff_net_2",
+        ),
+        ("output_blocks_2_2_conv", "up_blocks_0_upsamplers_0_conv"),
+        ("output_blocks_5_2_conv", "up_blocks_1_upsamplers_0_conv"),
+        (
+            "output_blocks_8_0_in_layers_2",
+            "up_blocks_2_resnets_2_conv1",
+        ),
+        ("out_2", "conv_out"),
+        ("time_embed_0", "time_embedding_linear_1"),
+        ("time_embed_2", "time_embedding_linear_2"),
+        ("label_emb_0_0", "add_embedding_linear_1"),
+        ("label_emb_0_2", "add_embedding_linear_2"),
+    ];
+
+    /// SD 1.x/2.x: four blocks; up block 0 has no attention, so its
+    /// upsampler sits in slot 1 of output block 2.
+    const SD1_PAIRS: &[(&str, &str)] = &[
+        (
+            "input_blocks_1_1_proj_in",
+            "down_blocks_0_attentions_0_proj_in",
+        ),
+        ("input_blocks_9_0_op", "down_blocks_2_downsamplers_0_conv"),
+        (
+            "input_blocks_11_0_emb_layers_1",
+            "down_blocks_3_resnets_1_time_emb_proj",
+        ),
+        ("output_blocks_2_1_conv", "up_blocks_0_upsamplers_0_conv"),
+        ("output_blocks_5_2_conv", "up_blocks_1_upsamplers_0_conv"),
+        (
+            "output_blocks_11_1_transformer_blocks_0_attn2_to_k",
+            "up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k",
+        ),
+    ];
+
+    #[test]
+    fn sgm_names_map_both_ways() {
+        for (layout, pairs) in [(UnetLayout::Sdxl, SDXL_PAIRS), (UnetLayout::Sd1, SD1_PAIRS)] {
+            for (sgm, diffusers) in pairs {
+                assert!(is_sgm(sgm), "{sgm}");
+                assert!(!is_sgm(diffusers), "{diffusers}");
+                assert_eq!(sgm_to_diffusers(sgm).as_deref(), Some(*diffusers), "{sgm}");
+                assert_eq!(
+                    diffusers_to_sgm(diffusers, layout).as_deref(),
+                    Some(*sgm),
+                    "{diffusers} ({layout:?})"
+                );
+            }
+        }
+        // The rebuilt dotted path is diffusers' module path.
+        let (k, sgm) = kohya_key(UNET, "output_blocks_2_2_conv");
+        assert!(sgm);
+        assert_eq!(
+            dotted_from_key(&k).unwrap(),
+            "unet.up_blocks.0.upsamplers.0.conv"
+        );
+        let (k, sgm) = kohya_key(UNET, "label_emb_0_0");
+        assert!(sgm);
+        assert_eq!(dotted_from_key(&k).unwrap(), "unet.add_embedding.linear_1");
+        // Text encoders are never touched, nor diffusers-named UNet modules.
+        assert_eq!(
+            kohya_key(TEXT_ENCODER_2, "text_model_encoder_layers_0_mlp_fc1"),
+            ("lora_te2_text_model_encoder_layers_0_mlp_fc1".into(), false)
+        );
+        assert_eq!(
+            kohya_key(UNET, "down_blocks_1_attentions_0_proj_in"),
+            ("lora_unet_down_blocks_1_attentions_0_proj_in".into(), false)
+        );
+    }
+
+    #[test]
+    fn sgm_names_that_are_no_adaptable_layer_stay_unmapped() {
+        for flat in [
+            "input_blocks_1_0_in_layers_0", // a GroupNorm
+            "input_blocks_3_1_proj_in",     // slot 3 of a down block is its downsampler
+            "input_blocks_1_0_op",          // ... and only that slot has one
+            "input_blocks_4_2_proj_in",     // a down slot holds two layers at most
+            "input_blocks_01_0_op",         // not plain decimal
+            "input_blocks_1_1_norm",        // a GroupNorm
+            "output_blocks_1_1_conv",       // an upsampler ends an up block
+            "output_blocks_2_3_conv",
+            "output_blocks_2_0_conv",
+            "middle_block_3_in_layers_2",
+            "middle_block_1_in_layers_2",
+            "out_0",
+            "time_embed_1",
+            "input_blocks_",
+        ] {
+            assert_eq!(sgm_to_diffusers(flat), None, "{flat}");
+            let (k, sgm) = kohya_key(UNET, flat);
+            assert!(!sgm && is_unmapped_sgm_key(&k), "{flat}");
+        }
+        for flat in [
+            "down_blocks_0_resnets_2_conv1",
+            "down_blocks_0_resnets_0_norm1",
+            "down_blocks_0_attentions_0_norm",
+            "up_blocks_0_resnets_3_conv1",
+            "up_blocks_0_upsamplers_1_conv",
+            "mid_block_resnets_2_conv1",
+            "mid_block_attentions_1_proj_in",
+            "conv_norm_out",
+            // Block numbers from a file cannot overflow the arithmetic.
+            "down_blocks_18446744073709551615_downsamplers_0_conv",
+            "up_blocks_18446744073709551615_resnets_0_conv1",
+        ] {
+            assert_eq!(diffusers_to_sgm(flat, UnetLayout::Sdxl), None, "{flat}");
+        }
+    }
+
+    /// Every adaptable layer of the full SDXL and SD 1.x UNets (enumerated
+    /// from diffusers' block structure) maps to a distinct SGM name and back.
+    #[test]
+    fn whole_unets_round_trip() {
+        fn unet(layout: UnetLayout) -> Vec<String> {
+            // (down blocks with attention, their transformer depth, blocks)
+            let (attn_down, depth, blocks): (&[usize], &[usize], usize) = match layout {
+                UnetLayout::Sdxl => (&[1, 2], &[1, 2, 10], 3),
+                UnetLayout::Sd1 => (&[0, 1, 2], &[1, 1, 1, 1], 4),
+            };
+            let mut out: Vec<String> = TOP_LEVEL.iter().map(|(_, d)| d.to_string()).collect();
+            let attention = |p: String, depth: usize, out: &mut Vec<String>| {
+                out.push(format!("{p}_proj_in"));
+                out.push(format!("{p}_proj_out"));
+                for t in 0..depth {
+                    for l in [
+                        "attn1_to_q",
+                        "attn1_to_k",
+                        "attn1_to_v",
+                        "attn1_to_out_0",
+                        "attn2_to_q",
+                        "attn2_to_k",
+                        "attn2_to_v",
+                        "attn2_to_out_0",
+                        "ff_net_0_proj",
+                        "ff_net_2",
+                    ] {
+                        out.push(format!("{p}_transformer_blocks_{t}_{l}"));
+                    }
+                }
+            };
+            let resnet = |p: String, out: &mut Vec<String>| {
+                for (_, d) in RESNET_LAYERS {
+                    out.push(format!("{p}_{d}"));
+                }
+            };
+            for b in 0..blocks {
+                for l in 0..2 {
+                    resnet(format!("down_blocks_{b}_resnets_{l}"), &mut out);
+                    if attn_down.contains(&b) {
+                        attention(
+                            format!("down_blocks_{b}_attentions_{l}"),
+                            depth[b],
+                            &mut out,
+                        );
+                    }
+                }
+                if b + 1 < blocks {
+                    out.push(format!("down_blocks_{b}_downsamplers_0_conv"));
+                }
+                let down = blocks - 1 - b;
+                for l in 0..3 {
+                    resnet(format!("up_blocks_{b}_resnets_{l}"), &mut out);
+                    if attn_down.contains(&down) {
+                        attention(
+                            format!("up_blocks_{b}_attentions_{l}"),
+                            depth[down],
+                            &mut out,
+                        );
+                    }
+                }
+                if b + 1 < blocks {
+                    out.push(format!("up_blocks_{b}_upsamplers_0_conv"));
+                }
+            }
+            resnet("mid_block_resnets_0".into(), &mut out);
+            resnet("mid_block_resnets_1".into(), &mut out);
+            attention("mid_block_attentions_0".into(), depth[blocks - 1], &mut out);
+            out
+        }
+        for layout in [UnetLayout::Sdxl, UnetLayout::Sd1] {
+            let names = unet(layout);
+            let keys: Vec<String> = names.iter().map(|n| key(UNET, n)).collect();
+            assert_eq!(UnetLayout::guess(keys.iter().map(String::as_str)), layout);
+            let mut seen = std::collections::BTreeSet::new();
+            for n in &names {
+                let sgm = diffusers_to_sgm(n, layout).unwrap_or_else(|| panic!("{n}"));
+                assert!(seen.insert(sgm.clone()), "{sgm} twice");
+                assert_eq!(sgm_to_diffusers(&sgm).as_deref(), Some(n.as_str()), "{sgm}");
+            }
+            println!("{layout:?}: {} UNet layers map both ways", names.len());
+        }
     }
 }

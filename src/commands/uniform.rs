@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::adapter::{AdapterSet, CompatReport, DType, Format};
+use crate::adapter::{sdnames, AdapterSet, CompatReport, DType, Format};
 use crate::cli::{DTypeArg, MethodArg, OutputFormatArg, UniformArgs};
 use crate::compose::merge::{self, MergedModule, Method, Weights};
 use crate::output::atomic::{self, Staging, WrittenFile};
@@ -253,6 +253,21 @@ pub fn write_merge(
             None
         },
     };
+
+    if rec.format != Format::Kohya {
+        if let Some(m) = rec
+            .modules
+            .iter()
+            .find(|m| sdnames::is_unmapped_sgm_key(&m.name))
+        {
+            return Err(Error::Usage(format!(
+                "module {} is named after the original SGM UNet but is not a layer lora-merge \
+                 can map to diffusers' UNet, so it has no {} name; write --output-format kohya",
+                m.name,
+                rec.format.name()
+            )));
+        }
+    }
 
     let staging = Staging::new(out)?;
     let mut written = BTreeMap::new();

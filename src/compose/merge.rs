@@ -98,6 +98,9 @@ pub struct MergedModule {
     /// The inputs' dotted path for this module when its name is an
     /// alignment key (carried through untouched for the writers).
     pub path: Option<String>,
+    /// The kohya name an input gave this module after the original SGM UNet
+    /// (the first such input's), if any did.
+    pub sgm_name: Option<String>,
     pub kind: ModuleKind,
     pub fan_out: usize,
     pub fan_in: usize,
@@ -143,11 +146,15 @@ fn merge_module(
     let mut decoded = Vec::new();
     let mut first = None;
     let mut path = None;
+    let mut sgm_name = None;
     for (i, adapter) in set.adapters.iter().enumerate() {
         if let Some(m) = adapter.modules.get(name) {
             first.get_or_insert(m);
             if path.is_none() {
                 path.clone_from(&m.path);
+            }
+            if sgm_name.is_none() {
+                sgm_name.clone_from(&m.sgm_name);
             }
             sources.push(i);
             decoded.push((w[i], m.scale, m.rank, m.a.f32_view(), m.b.f32_view(), m));
@@ -194,6 +201,7 @@ fn merge_module(
     Ok(MergedModule {
         name: name.to_string(),
         path,
+        sgm_name,
         kind: first.kind.clone(),
         fan_out: m,
         fan_in: n,

@@ -133,6 +133,7 @@ mod tests {
         MergedModule {
             name: sdnames::key(comp, p),
             path: Some(path.to_string()),
+            sgm_name: None,
             kind: ModuleKind::Linear,
             fan_out: 3,
             fan_in: 2,

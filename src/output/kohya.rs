@@ -33,13 +33,37 @@ const CARRIED: &[&str] = &[
 /// encoder spelled `lora_te_` unless a second one is present (SD 1.x/2.x
 /// files use `lora_te_`, SDXL files `lora_te1_`/`lora_te2_`). Plain PEFT
 /// names (never aligned) are taken as UNet paths.
+///
+/// UNet modules are named after the original SGM UNet when any input named
+/// a module of the merge so (sd-scripts' SDXL files), else after diffusers'
+/// UNet: a module keeps the SGM name an input gave it, and the others get
+/// theirs from [`sdnames::diffusers_to_sgm`] (modules the SGM UNet lacks
+/// keep diffusers' name). So SGM in gives SGM out, diffusers-named in gives
+/// diffusers-named out, and a mix gives SGM names: those sd-scripts gives
+/// SDXL's modules, which diffusers' loader reads too.
 fn kohya_names(modules: &[MergedModule]) -> Vec<String> {
     let has_te2 = modules
         .iter()
         .any(|m| m.name.starts_with(sdnames::TEXT_ENCODER_2.kohya));
+    let sgm_layout = modules
+        .iter()
+        .any(|m| m.sgm_name.is_some())
+        .then(|| sdnames::UnetLayout::guess(modules.iter().map(|m| m.name.as_str())));
     modules
         .iter()
         .map(|m| {
+            if let Some(layout) = sgm_layout {
+                if let Some(n) = &m.sgm_name {
+                    return n.clone();
+                }
+                if let Some(sgm) = m
+                    .name
+                    .strip_prefix(sdnames::UNET.kohya)
+                    .and_then(|rest| sdnames::diffusers_to_sgm(rest, layout))
+                {
+                    return format!("{}{sgm}", sdnames::UNET.kohya);
+                }
+            }
             if let Some(rest) = m.name.strip_prefix(sdnames::TEXT_ENCODER.kohya) {
                 if !has_te2 {
                     return format!("{}{rest}", sdnames::KOHYA_TE_SINGLE);
@@ -147,4 +171,70 @@ pub fn metadata(modules: &[MergedModule], facts: &MergeFacts) -> BTreeMap<String
     md.insert("lora_merge.method".into(), facts.method.to_string());
     md.insert("lora_merge.weights".into(), facts.weights.clone());
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::ModuleKind;
+    use crate::compose::math::Factored;
+
+    fn module(key: &str, sgm_name: Option<&str>) -> MergedModule {
+        MergedModule {
+            name: key.to_string(),
+            path: None,
+            sgm_name: sgm_name.map(str::to_string),
+            kind: ModuleKind::Linear,
+            fan_out: 1,
+            fan_in: 1,
+            sources: vec![0],
+            factored: Factored {
+                rank: 1,
+                a: vec![1.0],
+                b: vec![1.0],
+                rel_error: 0.0,
+                energy: 1.0,
+            },
+        }
+    }
+
+    #[test]
+    fn sgm_names_win_when_any_input_had_them() {
+        let up = "lora_unet_up_blocks_0_upsamplers_0_conv";
+        let q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q";
+        let te = "lora_te1_text_model_encoder_layers_0_mlp_fc1";
+        let te2 = "lora_te2_text_model_encoder_layers_0_mlp_fc1";
+        let sgm_q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q";
+        // A module an SGM input had keeps that input's name; one only a
+        // diffusers-named input had gets its SGM name (SDXL: the upsampler
+        // of up block 0 follows an attention); text encoders are untouched.
+        let mixed = [
+            module(q, Some(sgm_q)),
+            module(up, None),
+            module(te, None),
+            module(te2, None),
+        ];
+        assert_eq!(
+            kohya_names(&mixed),
+            [sgm_q, "lora_unet_output_blocks_2_2_conv", te, te2]
+        );
+        // SD 1.x (a fourth down block): that upsampler follows a resnet.
+        let sd1 = [
+            module(up, None),
+            module(
+                "lora_unet_down_blocks_3_resnets_0_conv1",
+                Some("lora_unet_input_blocks_10_0_in_layers_2"),
+            ),
+        ];
+        assert_eq!(
+            kohya_names(&sd1),
+            [
+                "lora_unet_output_blocks_2_1_conv",
+                "lora_unet_input_blocks_10_0_in_layers_2"
+            ]
+        );
+        // No SGM input: diffusers' names stay.
+        let plain = [module(q, None), module(up, None)];
+        assert_eq!(kohya_names(&plain), [q, up]);
+    }
 }

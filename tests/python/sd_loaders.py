@@ -31,6 +31,28 @@ Files under test:
     and `--output-format diffusers`: expected delta = 0.7 ref_a - 0.4 ref_b
     (UNet modules only for the PEFT inputs).
 
+SGM-named SDXL (the `sgm` fixture: the whole SDXL UNet structure at widths
+8/16/32, every adaptable layer, named after the original SGM UNet as
+sd-scripts names SDXL modules): a tiny SDXL UNet of that structure is built
+and
+
+  * the SGM-named kohya fixture and its diffusers-named twin load as above
+    (diffusers maps the SGM names itself, `_maybe_map_sgm_blocks_to_diffusers`),
+    which checks the fixture's two namings against diffusers (the twin less
+    add_embedding, whose diffusers-named kohya keys diffusers misreads);
+  * `lora-merge uniform --weights 1` of the SGM file, written as kohya,
+    diffusers and PEFT: kohya and diffusers load as above; the PEFT adapter
+    loads with PEFT's own `PeftModel.from_pretrained` into a module holding
+    the pipeline's components under their diffusers names
+    (`unet.down_blocks...`, as a PEFT adapter spanning components names
+    them), is merged (`merge_and_unload`) and compared the same way;
+  * `--weights 0.7 -0.4` of the SGM file and its diffusers-named twin (the
+    same deltas), written as kohya and diffusers: one module per layer,
+    delta 0.3 ref;
+  * the SDXL UNet module list of the benchmark (tests/bench/sd_bench.py:
+    the layers sd-scripts' networks.lora adapts) is contained in the
+    fixture's, by diffusers name, and equals its attention layers.
+
 Tolerance: relative Frobenius error ||got - want|| / ||want|| <= 1e-5 per
 module. `got` is (W + delta) - W taken in float32, as diffusers fuses in the
 weight's dtype: the base weights and the deltas have the same magnitude
@@ -213,9 +235,35 @@ def tiny_vae():
     )
 
 
+def sgm_components():
+    """An SDXL-structured UNet at widths 8/16/32 (fixtures' SGM_TABLE)."""
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16, 32),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=64,
+        attention_head_dim=(1, 2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=8,
+    )
+    small = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, projection_dim=32)
+    te = CLIPTextModel(CLIPTextConfig(**small, **CLIP_COMMON))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**small, **CLIP_COMMON))
+    return {"unet": unet, "text_encoder": te, "text_encoder_2": te2}
+
+
 MODELS = {
     "sd15": (msf.SD15, sd15_components, StableDiffusionPipeline),
     "sdxl": (msf.SDXL, sdxl_components, StableDiffusionXLPipeline),
+    "sgm": ([row[:5] for row in msf.SGM_TABLE], sgm_components, StableDiffusionXLPipeline),
 }
 
 
@@ -295,6 +343,10 @@ def kohya_resolver(model: str):
     for comp, path, *_ in MODELS[model][0]:
         by_key[msf.kohya_name(comp, path, model == "sd15")] = (comp, path)
         by_key[kohya_key(comp, path)] = (comp, path)
+    if model == "sgm":
+        for comp, path, *_, sgm in msf.SGM_TABLE:
+            if sgm:
+                by_key[msf.KOHYA_PREFIX[comp] + sgm.replace(".", "_")] = (comp, path)
     return lambda k: by_key.get(k, ("?", k))
 
 
@@ -380,6 +432,146 @@ def check_file(rep: Report, label: str, model: str, comps, weights_file: Path, w
     return worst
 
 
+class Components(torch.nn.Module):
+    """The pipeline's components as children under their diffusers names, so
+    that a PEFT adapter spanning components (`unet.down_blocks...`,
+    `text_encoder.text_model...`) finds its modules. Text encoders without
+    a `text_model` level (transformers >= 5) get one back, since the paths
+    keep it (see model_path)."""
+
+    def __init__(self, comps):
+        super().__init__()
+        for name, mod in comps.items():
+            if name != "unet" and not hasattr(mod, "text_model"):
+                holder = torch.nn.Module()
+                holder.text_model = mod
+                mod = holder
+            self.add_module(name, mod)
+
+
+def check_peft(rep: Report, label: str, model: str, comps, out: Path, want: dict) -> float:
+    """Load a PEFT adapter directory with PEFT's own loader, merge it into the
+    weights and compare, as check_file does for diffusers' loader."""
+    from peft import PeftModel
+
+    copies = {k: copy.deepcopy(v) for k, v in comps.items()}
+    holder = Components(copies)
+    col = Collect()
+    for n in LOGGERS:
+        logging.getLogger(n).addHandler(col)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            peft_model = PeftModel.from_pretrained(holder, str(out), adapter_name="sut")
+            err = None
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"
+    for n in LOGGERS:
+        logging.getLogger(n).removeHandler(col)
+    noise = col.records + [f"{w.category.__name__}: {w.message}" for w in caught]
+    if not rep.check(f"{label}: PEFT loads it", err is None, err or ""):
+        return 0.0
+    rep.check(f"{label}: loaded with no warnings", not noise, " | ".join(noise)[:2000])
+    injected = set()
+    for name, mod in peft_model.base_model.model.named_modules():
+        if isinstance(mod, BaseTunerLayer):
+            comp, path = name.split(".", 1)
+            mod_path = path.removeprefix("text_model.") if comp != "unet" and not hasattr(comps[comp], "text_model") else path
+            injected.add((comp, mod_path))
+    rep.check(
+        f"{label}: PEFT adapted exactly the fixture modules ({len(injected)})",
+        injected == set(want),
+        f"extra {sorted(injected - set(want))[:5]}, missing {sorted(set(want) - injected)[:5]}",
+    )
+    peft_model.merge_and_unload()
+    worst, bad, changed_other, seen = 0.0, [], [], set()
+    for comp in comps:
+        before = comps[comp].state_dict()
+        after = copies[comp].state_dict()
+        if set(before) != set(after):
+            changed_other.append(f"{comp}: key sets differ {sorted(set(before) ^ set(after))[:5]}")
+            continue
+        for key, w0 in before.items():
+            path = key[: -len(".weight")] if key.endswith(".weight") else None
+            w1 = after[key]
+            if (comp, path) in want:
+                seen.add((comp, path))
+                d = want[(comp, path)]
+                got = w1.double() - w0.double()
+                e = float((got - d).norm() / d.norm()) if got.shape == d.shape else float("inf")
+                worst = max(worst, e)
+                if not e <= TOL:
+                    bad.append(f"{comp}.{path} {e:.3e}")
+            elif not torch.equal(w0, w1):
+                changed_other.append(f"{comp}.{key}")
+    rep.check(
+        f"{label}: merged delta of {len(seen)} modules = expected, max rel err {worst:.3e} (tol {TOL:g})",
+        not bad and seen == set(want),
+        ", ".join(bad[:10]),
+    )
+    rep.check(f"{label}: no other weight changed", not changed_other, ", ".join(changed_other[:10]))
+    return worst
+
+
+def bench_coverage(rep: Report) -> None:
+    """The benchmark's SDXL UNet modules (the layers sd-scripts' networks.lora
+    adapts: every Linear of the transformer blocks) are all in the SGM
+    fixture, which has every other adaptable layer too."""
+    sys.path.insert(0, str(REPO / "tests/bench"))
+    import sd_bench
+
+    bench = {n for n, _, _ in sd_bench.sdxl_modules(1) if n.startswith("lora_unet_")}
+    fixture = {kohya_key(c, p) for c, p, *_ in msf.SGM_TABLE if c == "unet"}
+    attention = {kohya_key(c, p) for c, p, *_ in msf.SGM_TABLE if c == "unet" and ".attentions." in p}
+    rep.check(
+        f"sgm: the fixture holds all {len(bench)} SDXL UNet modules of the benchmark "
+        f"({len(fixture)} UNet modules in all)",
+        bench <= fixture and bench == attention,
+        f"missing {sorted(bench - fixture)[:5]}, attention layers not in the benchmark {sorted(attention - bench)[:5]}",
+    )
+
+
+def sgm_checks(rep: Report, fixtures: Path, work: Path, binary: str) -> float:
+    model = "sgm"
+    comps = build_components(model)
+    check_tables(rep, model, comps)
+    bench_coverage(rep)
+    worst = 0.0
+    one = expected_deltas(fixtures, model, comps, {"a": 1.0}, unet_only=False)
+    sgm_file = fixtures / "sgm_a_kohya.safetensors"
+    twin = fixtures / "sgm_a_dnames_kohya.safetensors"
+    worst = max(worst, check_file(rep, "sgm input a (kohya, SGM names)", model, comps, sgm_file, one) or 0.0)
+    # diffusers' kohya converter turns `lora_unet_add_embedding_linear_1` into
+    # `add.embedding.linear` (its rule for SDXL "emb" names drops the last
+    # index, and only the SGM spelling label_emb_0_N is mapped), so it cannot
+    # load those two layers by their diffusers names: the twin is checked
+    # without them.
+    skip = ("add_embedding.",)
+    tensors = {k: v for k, v in load_file(str(twin)).items() if "add_embedding_" not in k}
+    trimmed = work / "sgm_a_dnames_kohya-without-add_embedding.safetensors"
+    save_file(tensors, str(trimmed))
+    part = {k: v for k, v in one.items() if not k[1].startswith(skip)}
+    worst = max(worst, check_file(rep, "sgm input a (kohya, diffusers names, less add_embedding)", model, comps, trimmed, part) or 0.0)
+    runs = [([sgm_file], ["1"], dst, one) for dst in ("kohya", "diffusers", "peft")]
+    mixed = expected_deltas(fixtures, model, comps, {"a": WEIGHTS[0] + WEIGHTS[1]}, unet_only=False)
+    runs += [([sgm_file, twin], [str(w) for w in WEIGHTS], dst, mixed) for dst in ("kohya", "diffusers")]
+    for inputs, weights, dst, want in runs:
+        out = work / f"sgm-{len(inputs)}-to-{dst}"
+        cmd = [binary, "uniform", "--adapters", *map(str, inputs), "--weights", *weights,
+               "--output-format", dst, "--force", "-o", str(out)]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        what = "SGM file" if len(inputs) == 1 else "SGM file 0.7 + diffusers-named twin -0.4"
+        label = f"sgm merge of {what} -> {dst}"
+        if not rep.check(f"{label}: lora-merge succeeds", r.returncode == 0, "" if r.returncode == 0 else r.stderr):
+            continue
+        if dst == "peft":
+            e = check_peft(rep, label, model, comps, out, want)
+        else:
+            e = check_file(rep, label, model, comps, weights_in(out), want)
+        worst = max(worst, e or 0.0)
+    return worst
+
+
 def oracle_self_test(rep: Report, fixtures: Path, work: Path, comps) -> None:
     """The checks above can fail: broken copies of an SD 1.5 kohya fixture must be caught."""
     src = fixtures / "sd15_a_kohya.safetensors"
@@ -438,7 +630,7 @@ def main() -> int:
 
     rep = Report()
     worst_in, worst_merged = 0.0, 0.0
-    for model in MODELS:
+    for model in ("sd15", "sdxl"):
         comps = build_components(model)
         check_tables(rep, model, comps)
         if model == "sd15":
@@ -466,7 +658,9 @@ def main() -> int:
                     continue
                 e = check_file(rep, label, model, comps, weights_in(out), want)
                 worst_merged = max(worst_merged, e or 0.0)
-    print(f"max relative error: fixture inputs {worst_in:.3e}, merges {worst_merged:.3e} (tolerance {TOL:g})")
+    worst_sgm = sgm_checks(rep, fixtures, work, args.bin)
+    print(f"max relative error: fixture inputs {worst_in:.3e}, merges {worst_merged:.3e}, "
+          f"SGM-named SDXL {worst_sgm:.3e} (tolerance {TOL:g})")
     print(f"{rep.passed} passed, {rep.failed} failed")
     return 1 if rep.failed else 0
 
