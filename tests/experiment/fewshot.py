@@ -405,6 +405,7 @@ def cmd_run(args) -> None:
             r = one_draw(t, k, seed)
             r["seconds"] = time.time() - t0
             results["draws"].append(r)
+            save_partial(results)
             log(f"k={k} seed={seed}: " + " ".join(f"{m} {100 * r[m]:.1f}" for m in ("base", "lora", "uniform", "learned")) + f" ({r['seconds']:.0f} s)")
     # Accuracy against the number of upstream adapters (prefixes of the list), k=5.
     for n in range(1, len(UPSTREAM) + 1):
@@ -412,6 +413,7 @@ def cmd_run(args) -> None:
             r = one_draw(t, 5, seed, methods=("uniform", "learned"), ups=upstream_adapters(n))
             r["n"] = n
             results["n_sweep"].append(r)
+            save_partial(results)
             log(f"n={n} seed={seed}: uniform {100 * r['uniform']:.1f} learned {100 * r['learned']:.1f}")
     # Full data: every pool quote; 3 epochs of batches of 16 for both.
     if not args.no_full:
@@ -435,6 +437,12 @@ def cmd_run(args) -> None:
     md = table(results)
     (WORK / "results.md").write_text(md)
     print(md)
+
+
+def save_partial(results: dict) -> None:
+    """Keep what a long run has measured so far (results.partial.json)."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "results.partial.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 def table(res: dict) -> str:
