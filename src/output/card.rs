@@ -6,6 +6,8 @@ use std::fmt::Write;
 /// One merged input as the card lists it.
 pub struct CardInput {
     pub given: String,
+    /// The full commit sha of a Hub input.
+    pub commit: Option<String>,
     pub weight: f64,
     pub rank: String,
     pub alpha: String,
@@ -19,7 +21,13 @@ pub struct Card<'a> {
     pub method_note: &'a str,
     pub inputs: Vec<CardInput>,
     pub modules: usize,
+    /// The command as typed.
     pub command: &'a str,
+    /// The command with every Hub input pinned to its commit: it reproduces
+    /// this merge whatever the branches do later.
+    pub reproduce: &'a str,
+    /// The inputs' license, when they all state the same one.
+    pub license: Option<&'a str>,
     pub adapter_sha256: &'a str,
     /// "peft", "kohya" or "diffusers".
     pub format: &'a str,
@@ -50,6 +58,9 @@ impl Card<'_> {
         if let Some(base) = self.base_model {
             let _ = writeln!(s, "base_model: {}", yaml_str(base));
         }
+        if let Some(license) = self.license {
+            let _ = writeln!(s, "license: {}", yaml_str(license));
+        }
         let _ = writeln!(s, "tags:\n- lora\n- {}\n- lora-merge\n- merge", self.format);
         let _ = writeln!(s, "---\n");
         let _ = writeln!(s, "# Merged LoRA adapter\n");
@@ -64,18 +75,23 @@ impl Card<'_> {
             self.modules,
             self.method_note
         );
-        let _ = writeln!(s, "## Inputs\n");
+        let _ = writeln!(s, "## Provenance\n");
+        let _ = writeln!(s, "Method: `{}`.\n", self.method);
         let _ = writeln!(
             s,
-            "| # | adapter | weight | rank | alpha | rsLoRA | weights sha256 |"
+            "| # | adapter | revision | weight | rank | alpha | rsLoRA | weights sha256 |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
         for (i, inp) in self.inputs.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "| {} | `{}` | {} | {} | {} | {} | `{}` |",
+                "| {} | `{}` | {} | {} | {} | {} | {} | `{}` |",
                 i,
                 inp.given.replace('|', "\\|"),
+                inp.commit
+                    .as_deref()
+                    .map(|c| format!("`{c}`"))
+                    .unwrap_or_else(|| "local".into()),
                 inp.weight,
                 inp.rank,
                 inp.alpha,
@@ -95,7 +111,15 @@ impl Card<'_> {
             s,
             "Full provenance (files, hashes, per-module error): `merge_manifest.json`.\n"
         );
-        let _ = writeln!(s, "## Reproduce\n\n```sh\n{}\n```\n", self.command);
+        let _ = writeln!(s, "## Reproduce\n\n```sh\n{}\n```\n", self.reproduce);
+        if self.reproduce != self.command {
+            let _ = writeln!(
+                s,
+                "(As typed: `{}`; above, every Hub input is pinned to the commit that was \
+                 merged.)\n",
+                self.command.replace('`', "'")
+            );
+        }
         let _ = match self.format {
             "kohya" => writeln!(
                 s,
