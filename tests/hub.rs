@@ -355,11 +355,15 @@ fn push_refusals_and_the_token_never_shown() {
     assert_ne!(server.head("alice/m", "main").unwrap(), dev);
     let url = String::from_utf8_lossy(&o.stdout).trim().to_string();
     assert_eq!(url, format!("{}/alice/m/commit/{dev}", server.url));
-    let o = env.run(
-        &["push", &out, "--repo", "alice/m", "--create-pr", "--json"],
-        Some(TOKEN),
-        false,
-    );
+    // HF_TOKEN_PATH names a token file.
+    let token_file = env.path("token-file");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let o = env
+        .cmd(Path::new(BIN), None, false)
+        .env("HF_TOKEN_PATH", &token_file)
+        .args(["push", &out, "--repo", "alice/m", "--create-pr", "--json"])
+        .output()
+        .unwrap();
     ok(&o, "push --create-pr");
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(

@@ -482,3 +482,25 @@ fn shell_quote(s: &str) -> String {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn license_from_an_adapters_own_card() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        assert_eq!(card_license(d), None);
+        std::fs::write(
+            d.join("README.md"),
+            "---\nbase_model: x\nlicense: 'mit'\ntags:\n- lora\n---\n# hi\nlicense: no\n",
+        )
+        .unwrap();
+        assert_eq!(card_license(d).as_deref(), Some("mit"));
+        std::fs::write(d.join("README.md"), "# no front matter\nlicense: mit\n").unwrap();
+        assert_eq!(card_license(d), None);
+        std::fs::write(d.join("README.md"), "---\ntags: []\n---\nlicense: mit\n").unwrap();
+        assert_eq!(card_license(d), None);
+    }
+}

@@ -140,3 +140,82 @@ impl Card<'_> {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card<'a>(license: Option<&'a str>, command: &'a str, reproduce: &'a str) -> Card<'a> {
+        Card {
+            base_model: Some("org/base"),
+            method: "exact",
+            method_note: "Exact.",
+            inputs: vec![
+                CardInput {
+                    given: "org/a".into(),
+                    commit: Some("a".repeat(40)),
+                    weight: 0.5,
+                    rank: "4".into(),
+                    alpha: "8".into(),
+                    rslora: false,
+                    weights_sha256: "f".repeat(64),
+                },
+                CardInput {
+                    given: "./b".into(),
+                    commit: None,
+                    weight: 0.5,
+                    rank: "2".into(),
+                    alpha: "2".into(),
+                    rslora: true,
+                    weights_sha256: "e".repeat(64),
+                },
+            ],
+            modules: 3,
+            command,
+            reproduce,
+            license,
+            adapter_sha256: "0123",
+            format: "peft",
+            weights_file: "adapter_model.safetensors",
+            extra_section: None,
+        }
+    }
+
+    #[test]
+    fn front_matter_and_provenance() {
+        let pinned = format!(
+            "lora-merge uniform --adapters hf://org/a@{} ./b -o m",
+            "a".repeat(40)
+        );
+        let s = card(
+            Some("apache-2.0"),
+            "lora-merge uniform --adapters org/a ./b -o m",
+            &pinned,
+        )
+        .render();
+        assert!(s.starts_with(
+            "---\nlibrary_name: peft\nbase_model: \"org/base\"\nlicense: \"apache-2.0\"\ntags:\n- lora\n- peft\n"
+        ), "{s}");
+        assert!(
+            s.contains(&format!(
+                "| 0 | `org/a` | `{}` | 0.5 | 4 | 8 | no | `{}` |",
+                "a".repeat(40),
+                "f".repeat(64)
+            )),
+            "{s}"
+        );
+        assert!(
+            s.contains("| 1 | `./b` | local | 0.5 | 2 | 2 | yes |"),
+            "{s}"
+        );
+        assert!(s.contains(&format!("```sh\n{pinned}\n```")), "{s}");
+        assert!(
+            s.contains("(As typed: `lora-merge uniform --adapters org/a ./b -o m`"),
+            "{s}"
+        );
+
+        let same = "lora-merge uniform --adapters ./b -o m";
+        let s = card(None, same, same).render();
+        assert!(!s.contains("license:") && !s.contains("As typed"), "{s}");
+    }
+}
