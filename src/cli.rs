@@ -12,15 +12,26 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// `linear` averaging. Inputs are memory-mapped and validated strictly;
 /// outputs are written atomically with a provenance manifest.
 ///
+/// Adapters and base models are local paths or Hugging Face Hub references:
+/// OWNER/NAME[@REVISION] (when no local path of that name exists) or
+/// hf://OWNER/NAME[@REVISION][/PATH], where REVISION is a branch, a tag or a
+/// full commit sha (default: main). Only the files needed are downloaded
+/// (never pickled weights), into the cache Python's huggingface_hub uses
+/// (HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub); the
+/// manifest records each input's commit. HF_HUB_OFFLINE=1 reads the cache
+/// only. HF_ENDPOINT, HF_TOKEN and HF_TOKEN_PATH are honoured.
+///
 /// Exit status: 0 success, 1 invalid or incompatible input (or `verify`
-/// found a difference), 2 I/O or internal error.
+/// found a difference, or the Hub refused), 2 I/O, network or internal error.
 #[derive(Debug, Parser)]
 #[command(name = "lora-merge", version, propagate_version = true)]
 #[command(
     after_help = "Examples:\n  lora-merge inspect ./adapter-a ./adapter-b\n  \
 lora-merge uniform --adapters ./a ./b ./c -o merged\n  \
 lora-merge uniform --adapters ./a ./b --weights 0.7 0.3 --method svd --rank 16 -o merged\n  \
-lora-merge verify merged"
+lora-merge uniform --adapters owner/adapter-a@v1 hf://owner/collection/style-b -o merged\n  \
+lora-merge verify merged\n  \
+lora-merge push merged --repo me/merged-adapter"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -42,6 +53,22 @@ pub enum Command {
     Uniform(UniformArgs),
     /// Re-hash a merged adapter directory against its merge_manifest.json.
     Verify(VerifyArgs),
+    /// Upload a merged adapter directory to the Hugging Face Hub in one commit.
+    ///
+    /// Runs `verify` on OUT first and sends only the files its manifest lists,
+    /// with the manifest: the adapter, its config, the model card (Hub front
+    /// matter and provenance) and merge_manifest.json. Creates the repository
+    /// when it does not exist (and the branch, for a --revision other than
+    /// main), then prints the commit's URL.
+    ///
+    /// Needs a token with write access: HF_TOKEN, or the file HF_TOKEN_PATH
+    /// names, or $HF_HOME/token (written by `hf auth login`). Without one,
+    /// nothing is sent. The token is never printed or written anywhere.
+    #[command(after_help = "Examples:\n  \
+lora-merge push merged --repo me/merged-adapter\n  \
+lora-merge push merged --repo me/merged-adapter --private --message 'Merge a, b and c'\n  \
+lora-merge push merged --repo org/shared-adapter --create-pr --json")]
+    Push(PushArgs),
     /// Measure a base model, alone or with adapters composed in, on labelled
     /// data (needs libtorch).
     ///
@@ -108,7 +135,10 @@ pub struct AdapterInputs {
     /// adapter_model.safetensors), a diffusers directory
     /// (pytorch_lora_weights.safetensors), a directory holding one
     /// .safetensors file, or a .safetensors file: PEFT (with its
-    /// adapter_config.json beside it), kohya/sd-scripts or diffusers.
+    /// adapter_config.json beside it), kohya/sd-scripts or diffusers. Or the
+    /// same on the Hub: OWNER/NAME[@REVISION] (when no such local path
+    /// exists) or hf://OWNER/NAME[@REVISION][/PATH], PATH being a folder or a
+    /// .safetensors file in the repository.
     #[arg(long = "adapters", alias = "adapter", value_name = "ADAPTER", num_args = 1..)]
     pub adapters: Vec<String>,
 
@@ -259,6 +289,43 @@ pub struct UniformArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PushArgs {
+    /// A directory written by lora-merge (checked with `verify` first).
+    #[arg(value_name = "OUT")]
+    pub dir: PathBuf,
+
+    /// The model repository to push to, OWNER/NAME; created when missing.
+    #[arg(long, value_name = "OWNER/NAME")]
+    pub repo: String,
+
+    /// The branch to commit to; created from main when missing.
+    #[arg(long, value_name = "BRANCH", default_value = "main")]
+    pub revision: String,
+
+    /// Create the repository as private (an existing repository keeps its
+    /// visibility).
+    #[arg(long)]
+    pub private: bool,
+
+    /// Open a pull request with the commit instead of committing to the
+    /// branch.
+    #[arg(long)]
+    pub create_pr: bool,
+
+    /// The commit message.
+    #[arg(
+        long,
+        value_name = "TEXT",
+        default_value = "Upload merged LoRA adapter (lora-merge)"
+    )]
+    pub message: String,
+
+    /// Print {"repo", "revision", "commit", "url"} as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// A directory written by lora-merge.
     #[arg(value_name = "OUT")]
@@ -306,7 +373,9 @@ impl std::str::FromStr for DeviceArg {
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// The base model: a directory with config.json, tokenizer.json and
-    /// model.safetensors (or shards with model.safetensors.index.json).
+    /// model.safetensors (or shards with model.safetensors.index.json), or a
+    /// Hub repository holding them (OWNER/NAME[@REVISION] or
+    /// hf://OWNER/NAME[@REVISION][/PATH]; only those files are downloaded).
     /// Llama, Mistral and Qwen2 causal LMs; BERT encoders.
     #[arg(long, value_name = "MODEL")]
     pub base: String,
@@ -381,7 +450,8 @@ pub enum HeadArg {
 
 #[derive(Debug, Args)]
 pub struct FitArgs {
-    /// The base model directory (config.json, tokenizer.json, safetensors).
+    /// The base model directory (config.json, tokenizer.json, safetensors),
+    /// or a Hub repository holding them (as for `eval --base`).
     #[arg(long, value_name = "MODEL")]
     pub base: String,
 

@@ -31,6 +31,16 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The Hub said no: an unknown repository, revision or file, a refused
+    /// token, or (offline) something missing from the cache. Names the
+    /// repository, the revision and the file.
+    #[error("{0}")]
+    Hub(String),
+
+    /// The Hub could not be reached or answered something unusable.
+    #[error("{0}")]
+    Network(String),
+
     /// A bug or an environment problem we cannot attribute to the input.
     #[error("internal error: {0}")]
     Internal(String),
@@ -54,14 +64,15 @@ impl Error {
     }
 
     /// Exit code contract: 1 for bad or incompatible input (the user can fix
-    /// it), 2 for I/O and internal errors.
+    /// it, Hub refusals included), 2 for I/O, network and internal errors.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Invalid { .. }
             | Error::Incompatible(_)
             | Error::Usage(_)
-            | Error::Mismatch(_) => 1,
-            Error::Io { .. } | Error::Internal(_) => 2,
+            | Error::Mismatch(_)
+            | Error::Hub(_) => 1,
+            Error::Io { .. } | Error::Network(_) | Error::Internal(_) => 2,
         }
     }
 }

@@ -11,6 +11,7 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Uniform(a) => commands::uniform::run(a),
         Command::Verify(a) => commands::verify::run(a),
+        Command::Push(a) => commands::push::run(a),
         // Needs libtorch: handed, arguments unchanged, to the companion binary.
         Command::Eval(_) | Command::Fit(_) | Command::Train(_) => commands::run_in_companion(),
     };

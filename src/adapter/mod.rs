@@ -211,7 +211,7 @@ pub struct FileRecord {
 pub struct Adapter {
     /// The reference exactly as the user gave it.
     pub given: String,
-    /// Where it resolved to (a local directory for now; a Hub snapshot later).
+    /// Where it resolved to: a local directory or a Hub snapshot.
     pub resolved: source::Resolved,
     pub files: Vec<FileRecord>,
     /// PEFT's config; for kohya and diffusers files, one synthesised from

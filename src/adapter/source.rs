@@ -1,11 +1,14 @@
-//! Where an adapter reference points. The one place that turns what the user
-//! typed into files, so that Hub references can be added here alone.
+//! Where an adapter or base model reference points. The one place that turns
+//! what the user typed into files: a local path, or a Hub reference
+//! (`owner/name[@revision]` when no local path of that name exists, or
+//! `hf://owner/name[@revision][/path]`) fetched through [`crate::hub`].
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::hub::{self, HubRef, Want};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -26,26 +29,101 @@ pub enum Resolved {
         /// (PEFT needs it; kohya and diffusers files carry no config).
         config: Option<PathBuf>,
     },
+    /// Files of a Hub repository at one commit, in the Hub cache.
+    Hub {
+        repo: String,
+        /// The revision as asked (`main` when none was).
+        revision: String,
+        /// The full commit sha it resolved to.
+        commit: String,
+        /// The folder or file inside the repository, if one was named.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+        /// The same reference pinned to `commit`.
+        pinned: String,
+        dir: PathBuf,
+        weights: PathBuf,
+        config: Option<PathBuf>,
+    },
 }
 
 impl Resolved {
     pub fn weights(&self) -> &Path {
         match self {
-            Resolved::Local { weights, .. } => weights,
+            Resolved::Local { weights, .. } | Resolved::Hub { weights, .. } => weights,
         }
     }
 
     pub fn config(&self) -> Option<&Path> {
         match self {
-            Resolved::Local { config, .. } => config.as_deref(),
+            Resolved::Local { config, .. } | Resolved::Hub { config, .. } => config.as_deref(),
         }
     }
 
     pub fn dir(&self) -> &Path {
         match self {
-            Resolved::Local { dir, .. } => dir,
+            Resolved::Local { dir, .. } | Resolved::Hub { dir, .. } => dir,
         }
     }
+
+    /// For a Hub input: the commit it resolved to.
+    pub fn commit(&self) -> Option<&str> {
+        match self {
+            Resolved::Local { .. } => None,
+            Resolved::Hub { commit, .. } => Some(commit),
+        }
+    }
+
+    /// For a Hub input: the reference pinned to its commit, which gives the
+    /// same files whatever the branch does later.
+    pub fn pinned(&self) -> Option<&str> {
+        match self {
+            Resolved::Local { .. } => None,
+            Resolved::Hub { pinned, .. } => Some(pinned),
+        }
+    }
+}
+
+/// What a base model reference resolved to.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSource {
+    /// The model's directory (config.json, tokenizer.json, safetensors).
+    pub dir: PathBuf,
+    /// For a Hub model: repository, revision as asked, and the commit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubOrigin>,
+}
+
+/// Where a Hub input came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct HubOrigin {
+    pub repo: String,
+    pub revision: String,
+    pub commit: String,
+    pub pinned: String,
+}
+
+/// A Hub error for a reference that could also have been a mistyped local
+/// path says so.
+fn or_local(given: &str, e: Error) -> Error {
+    match e {
+        Error::Hub(m) if !given.starts_with("hf://") => {
+            Error::Hub(format!("{m} (and there is no local path {given:?})"))
+        }
+        e => e,
+    }
+}
+
+/// A Hub reference, if `given` is one: always for `hf://...`; for
+/// `owner/name[@revision]` only when no local path of that name exists.
+fn hub_ref(given: &str) -> Result<Option<HubRef>> {
+    if let Some(r) = HubRef::parse_url(given) {
+        return r.map(Some);
+    }
+    if std::fs::symlink_metadata(given).is_ok() {
+        return Ok(None);
+    }
+    Ok(HubRef::parse_id(given))
 }
 
 fn pickled_refusal(file: &Path) -> Error {
@@ -57,49 +135,68 @@ fn pickled_refusal(file: &Path) -> Error {
     )
 }
 
-/// Does `s` look like a Hub repository id (`owner/name`)?
-fn looks_like_hub_ref(s: &str) -> bool {
-    let s = s.split_once('@').map_or(s, |(repo, _)| repo);
-    let mut parts = s.split('/');
-    let (Some(owner), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
-        return false;
-    };
-    let ok = |p: &str| {
-        !p.is_empty()
-            && !p.starts_with('.')
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    };
-    ok(owner) && ok(name)
+/// Resolve a base model reference (`--base`) to a local directory: a
+/// directory, or a Hub reference whose config, tokenizer and safetensors
+/// weights are fetched into the cache (never pickled weights).
+pub fn resolve_model(given: &str) -> Result<PathBuf> {
+    resolve_model_source(given).map(|m| m.dir)
 }
 
-/// Resolve a base model reference (`--base`) to a local directory. Lives
-/// beside adapter resolution so that Hub references are added for both in
-/// one place.
-pub fn resolve_model(given: &str) -> Result<PathBuf> {
+/// [`resolve_model`], with the Hub commit when the model came from the Hub.
+pub fn resolve_model_source(given: &str) -> Result<ModelSource> {
+    if let Some(r) = hub_ref(given)? {
+        let snap = hub::fetch(&r, Want::Model).map_err(|e| or_local(given, e))?;
+        return Ok(ModelSource {
+            dir: snap.dir,
+            hub: Some(HubOrigin {
+                pinned: r.pinned(&snap.commit),
+                repo: snap.repo,
+                revision: snap.revision,
+                commit: snap.commit,
+            }),
+        });
+    }
     let path = Path::new(given);
     match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::canonicalize(path).map_err(|e| Error::io(path, e)),
+        Ok(m) if m.is_dir() => Ok(ModelSource {
+            dir: std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?,
+            hub: None,
+        }),
         Ok(_) => Err(Error::Usage(format!(
             "base model {given:?} is a file; pass the model's directory (config.json, \
              tokenizer.json and model.safetensors)"
         ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut msg = format!(
-                "base model {given:?}: no such directory (a base model is a directory with \
-                 config.json, tokenizer.json and model.safetensors)"
-            );
-            if looks_like_hub_ref(given) {
-                msg.push_str(
-                    "; it looks like a Hub repository, but Hub references are not supported \
-                     yet: download it (e.g. `huggingface-cli download OWNER/NAME --local-dir \
-                     DIR`) and pass the directory",
-                );
-            }
-            Err(Error::Usage(msg))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Usage(format!(
+            "base model {given:?}: no such directory (a base model is a directory with \
+             config.json, tokenizer.json and model.safetensors, or a Hub repository \
+             OWNER/NAME[@REVISION])"
+        ))),
         Err(e) => Err(Error::io(path, e)),
     }
+}
+
+/// Fetch an adapter from the Hub and describe its files.
+fn resolve_hub(r: HubRef) -> Result<Resolved> {
+    let snap = hub::fetch(&r, Want::Adapter)?;
+    let weights = snap
+        .weights
+        .clone()
+        .ok_or_else(|| Error::Internal("a fetched adapter without weights".into()))?;
+    let dir = weights
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or(snap.dir.clone());
+    let config = dir.join(CONFIG_FILE);
+    Ok(Resolved::Hub {
+        pinned: r.pinned(&snap.commit),
+        repo: snap.repo,
+        revision: snap.revision,
+        commit: snap.commit,
+        path: r.path,
+        config: config.is_file().then_some(config),
+        dir,
+        weights,
+    })
 }
 
 /// Resolve a reference as given on the command line or in an adapters file:
@@ -108,19 +205,16 @@ pub fn resolve_model(given: &str) -> Result<PathBuf> {
 /// a single `.safetensors` file), or a `.safetensors` file (a PEFT one with
 /// `adapter_config.json` beside it, or a kohya or diffusers file).
 pub fn resolve(given: &str) -> Result<Resolved> {
+    if let Some(r) = hub_ref(given)? {
+        return resolve_hub(r).map_err(|e| or_local(given, e));
+    }
     let path = Path::new(given);
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut msg = format!("adapter {given:?}: no such file or directory");
-            if looks_like_hub_ref(given) {
-                msg.push_str(
-                    "; it looks like a Hub repository, but Hub references are not supported yet: \
-                     download it (e.g. `huggingface-cli download OWNER/NAME --local-dir DIR`) \
-                     and pass the directory",
-                );
-            }
-            return Err(Error::Usage(msg));
+            return Err(Error::Usage(format!(
+                "adapter {given:?}: no such file or directory"
+            )));
         }
         Err(e) => return Err(Error::io(path, e)),
     };
@@ -276,15 +370,16 @@ mod tests {
     }
 
     #[test]
-    fn hub_looking_refs_say_not_supported() {
-        let e = resolve("some-owner/some_adapter.v2")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("Hub references are not supported yet"), "{e}");
-        assert!(looks_like_hub_ref("owner/name@main"));
-        assert!(!looks_like_hub_ref("./a/b"));
-        assert!(!looks_like_hub_ref("a/b/c"));
-        assert!(!looks_like_hub_ref("name"));
+    fn local_paths_win_over_hub_ids() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A path that exists is local even when it reads as OWNER/NAME.
+        let dir = tmp.path().join("owner").join("name");
+        write_peft_dir(&dir, &config_json(2, 4.0, &[], &[]), &[("q", 2, 3, 3)]);
+        assert!(hub_ref(&s(&dir)).unwrap().is_none());
+        assert!(hub_ref("hf://o/n@v1").unwrap().is_some());
+        assert!(hub_ref("no-such-owner-x/no-such-name-y").unwrap().is_some());
+        assert!(hub_ref("a/b/c").unwrap().is_none());
+        assert!(hub_ref("hf://o").is_err());
     }
 
     #[test]

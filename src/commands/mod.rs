@@ -3,6 +3,7 @@
 
 pub mod doctor;
 pub mod inspect;
+pub mod push;
 pub mod uniform;
 pub mod verify;
 

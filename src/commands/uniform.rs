@@ -33,6 +33,9 @@ pub struct MergeRecord<'a> {
 }
 
 pub struct FitExtras {
+    /// References that are not adapters (the base model) with their pinned
+    /// form, for the card's reproducing command.
+    pub pins: Vec<(String, String)>,
     pub manifest: Value,
     pub card_section: String,
     pub files: Vec<(String, Vec<u8>)>,
@@ -338,6 +341,27 @@ pub fn write_merge(
         .map(|a| shell_quote(a))
         .collect::<Vec<_>>()
         .join(" ");
+    // Hub references pinned to the commits merged, so the card's command
+    // gives these bytes again whatever the branches do later.
+    let pins: Vec<(String, String)> = set
+        .adapters
+        .iter()
+        .filter_map(|a| {
+            a.resolved
+                .pinned()
+                .map(|p| (a.given.clone(), p.to_string()))
+        })
+        .chain(rec.fit.iter().flat_map(|f| f.pins.iter().cloned()))
+        .collect();
+    let reproduce = argv
+        .iter()
+        .map(|a| {
+            let pinned = pins.iter().find(|(g, _)| g == a).map(|(_, p)| p.as_str());
+            shell_quote(pinned.unwrap_or(a))
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let license = same(set.adapters.iter().map(|a| card_license(a.resolved.dir()))).flatten();
     let card = Card {
         base_model: facts.base_model.as_deref(),
         method: rec.method.name(),
@@ -352,6 +376,7 @@ pub fn write_merge(
             .zip(&rec.weights.global)
             .map(|(a, w)| CardInput {
                 given: a.given.clone(),
+                commit: a.resolved.commit().map(str::to_string),
                 weight: *w,
                 rank: a.config.r.to_string(),
                 alpha: a.config.lora_alpha.to_string(),
@@ -366,6 +391,8 @@ pub fn write_merge(
             .collect(),
         modules: rec.modules.len(),
         command: &command,
+        reproduce: &reproduce,
+        license: license.as_deref(),
         adapter_sha256: &adapter.sha256,
         format: rec.format.name(),
         weights_file,
@@ -446,6 +473,21 @@ pub fn write_merge(
     Ok((dir, written))
 }
 
+/// The `license:` an adapter's own model card (README.md beside it)
+/// declares in its front matter, if any.
+fn card_license(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("README.md")).ok()?;
+    let front = text.strip_prefix("---")?;
+    let end = front.find("\n---")?;
+    front[..end].lines().find_map(|l| {
+        let v = l
+            .strip_prefix("license:")?
+            .trim()
+            .trim_matches(|c| c == '"' || c == '\'');
+        (!v.is_empty() && v.len() <= 64 && !v.contains(['\n', '`', '|'])).then(|| v.to_string())
+    })
+}
+
 fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.chars()
@@ -454,5 +496,27 @@ fn shell_quote(s: &str) -> String {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn license_from_an_adapters_own_card() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        assert_eq!(card_license(d), None);
+        std::fs::write(
+            d.join("README.md"),
+            "---\nbase_model: x\nlicense: 'mit'\ntags:\n- lora\n---\n# hi\nlicense: no\n",
+        )
+        .unwrap();
+        assert_eq!(card_license(d).as_deref(), Some("mit"));
+        std::fs::write(d.join("README.md"), "# no front matter\nlicense: mit\n").unwrap();
+        assert_eq!(card_license(d), None);
+        std::fs::write(d.join("README.md"), "---\ntags: []\n---\nlicense: mit\n").unwrap();
+        assert_eq!(card_license(d), None);
     }
 }

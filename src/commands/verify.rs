@@ -1,17 +1,35 @@
 //! `verify`: re-hash a merged directory against its manifest.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
+use std::path::Path;
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::cli::VerifyArgs;
+use crate::output::atomic::WrittenFile;
 use crate::output::manifest::{OutputsOnly, FILE_NAME};
 use crate::{Error, Result};
 
 pub fn run(args: &VerifyArgs) -> Result<()> {
-    let manifest_path = args.dir.join(FILE_NAME);
+    let outputs = check(&args.dir)?;
+    if args.json {
+        super::print_json(&json!({"ok": true, "dir": args.dir, "files": outputs.len()}))?;
+    } else {
+        eprintln!(
+            "{}: {} files match {FILE_NAME}",
+            args.dir.display(),
+            outputs.len()
+        );
+    }
+    Ok(())
+}
+
+/// Re-hash every output `dir`'s manifest lists; the list when all match.
+pub fn check(dir: &Path) -> Result<BTreeMap<String, WrittenFile>> {
+    let manifest_path = dir.join(FILE_NAME);
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
     let manifest: OutputsOnly = serde_json::from_str(&text)
         .map_err(|e| Error::invalid(&manifest_path, format!("not a lora-merge manifest: {e}")))?;
@@ -28,7 +46,7 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
                 format!("output name {name:?} is not a plain file name"),
             ));
         }
-        let path = args.dir.join(name);
+        let path = dir.join(name);
         let mut file = File::open(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Mismatch(format!(
                 "{}: missing (listed in {FILE_NAME})",
@@ -61,14 +79,5 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
             )));
         }
     }
-    if args.json {
-        super::print_json(&json!({"ok": true, "dir": args.dir, "files": manifest.outputs.len()}))?;
-    } else {
-        eprintln!(
-            "{}: {} files match {FILE_NAME}",
-            args.dir.display(),
-            manifest.outputs.len()
-        );
-    }
-    Ok(())
+    Ok(manifest.outputs)
 }

@@ -37,6 +37,8 @@ pub struct ModelDir {
     /// Non-float tensors set aside (e.g. BERT's int64 `position_ids`).
     pub skipped: Vec<String>,
     pub files: Vec<ModelFile>,
+    /// Repository, revision and commit, when the model came from the Hub.
+    pub hub: Option<source::HubOrigin>,
 }
 
 /// A weights file of a base model. Not hashed: base models run to many
@@ -51,7 +53,10 @@ impl ModelDir {
     /// Open the base model a `--base` reference names (see
     /// [`source::resolve_model`]).
     pub fn open_ref(given: &str) -> Result<ModelDir> {
-        ModelDir::open(source::resolve_model(given)?)
+        let src = source::resolve_model_source(given)?;
+        let mut m = ModelDir::open(&src.dir)?;
+        m.hub = src.hub;
+        Ok(m)
     }
 
     /// Open a local model directory: `config.json`, `tokenizer.json`, and
@@ -110,6 +115,7 @@ impl ModelDir {
             origin,
             skipped,
             files,
+            hub: None,
         })
     }
 
@@ -283,7 +289,8 @@ mod tests {
 
     #[test]
     fn base_references_resolve_like_adapters() {
-        let e = ModelDir::open_ref("meta-llama/Llama-3.2-1B")
+        // (Hub references are tested end to end against a local Hub.)
+        let e = ModelDir::open_ref("./no-such-model-dir")
             .err()
             .unwrap()
             .to_string();

@@ -6,6 +6,8 @@ use std::fmt::Write;
 /// One merged input as the card lists it.
 pub struct CardInput {
     pub given: String,
+    /// The full commit sha of a Hub input.
+    pub commit: Option<String>,
     pub weight: f64,
     pub rank: String,
     pub alpha: String,
@@ -19,7 +21,13 @@ pub struct Card<'a> {
     pub method_note: &'a str,
     pub inputs: Vec<CardInput>,
     pub modules: usize,
+    /// The command as typed.
     pub command: &'a str,
+    /// The command with every Hub input pinned to its commit: it reproduces
+    /// this merge whatever the branches do later.
+    pub reproduce: &'a str,
+    /// The inputs' license, when they all state the same one.
+    pub license: Option<&'a str>,
     pub adapter_sha256: &'a str,
     /// "peft", "kohya" or "diffusers".
     pub format: &'a str,
@@ -50,6 +58,9 @@ impl Card<'_> {
         if let Some(base) = self.base_model {
             let _ = writeln!(s, "base_model: {}", yaml_str(base));
         }
+        if let Some(license) = self.license {
+            let _ = writeln!(s, "license: {}", yaml_str(license));
+        }
         let _ = writeln!(s, "tags:\n- lora\n- {}\n- lora-merge\n- merge", self.format);
         let _ = writeln!(s, "---\n");
         let _ = writeln!(s, "# Merged LoRA adapter\n");
@@ -64,18 +75,23 @@ impl Card<'_> {
             self.modules,
             self.method_note
         );
-        let _ = writeln!(s, "## Inputs\n");
+        let _ = writeln!(s, "## Provenance\n");
+        let _ = writeln!(s, "Method: `{}`.\n", self.method);
         let _ = writeln!(
             s,
-            "| # | adapter | weight | rank | alpha | rsLoRA | weights sha256 |"
+            "| # | adapter | revision | weight | rank | alpha | rsLoRA | weights sha256 |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
         for (i, inp) in self.inputs.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "| {} | `{}` | {} | {} | {} | {} | `{}` |",
+                "| {} | `{}` | {} | {} | {} | {} | {} | `{}` |",
                 i,
                 inp.given.replace('|', "\\|"),
+                inp.commit
+                    .as_deref()
+                    .map(|c| format!("`{c}`"))
+                    .unwrap_or_else(|| "local".into()),
                 inp.weight,
                 inp.rank,
                 inp.alpha,
@@ -95,7 +111,15 @@ impl Card<'_> {
             s,
             "Full provenance (files, hashes, per-module error): `merge_manifest.json`.\n"
         );
-        let _ = writeln!(s, "## Reproduce\n\n```sh\n{}\n```\n", self.command);
+        let _ = writeln!(s, "## Reproduce\n\n```sh\n{}\n```\n", self.reproduce);
+        if self.reproduce != self.command {
+            let _ = writeln!(
+                s,
+                "(As typed: `{}`; above, every Hub input is pinned to the commit that was \
+                 merged.)\n",
+                self.command.replace('`', "'")
+            );
+        }
         let _ = match self.format {
             "kohya" => writeln!(
                 s,
@@ -114,5 +138,84 @@ impl Card<'_> {
             ),
         };
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card<'a>(license: Option<&'a str>, command: &'a str, reproduce: &'a str) -> Card<'a> {
+        Card {
+            base_model: Some("org/base"),
+            method: "exact",
+            method_note: "Exact.",
+            inputs: vec![
+                CardInput {
+                    given: "org/a".into(),
+                    commit: Some("a".repeat(40)),
+                    weight: 0.5,
+                    rank: "4".into(),
+                    alpha: "8".into(),
+                    rslora: false,
+                    weights_sha256: "f".repeat(64),
+                },
+                CardInput {
+                    given: "./b".into(),
+                    commit: None,
+                    weight: 0.5,
+                    rank: "2".into(),
+                    alpha: "2".into(),
+                    rslora: true,
+                    weights_sha256: "e".repeat(64),
+                },
+            ],
+            modules: 3,
+            command,
+            reproduce,
+            license,
+            adapter_sha256: "0123",
+            format: "peft",
+            weights_file: "adapter_model.safetensors",
+            extra_section: None,
+        }
+    }
+
+    #[test]
+    fn front_matter_and_provenance() {
+        let pinned = format!(
+            "lora-merge uniform --adapters hf://org/a@{} ./b -o m",
+            "a".repeat(40)
+        );
+        let s = card(
+            Some("apache-2.0"),
+            "lora-merge uniform --adapters org/a ./b -o m",
+            &pinned,
+        )
+        .render();
+        assert!(s.starts_with(
+            "---\nlibrary_name: peft\nbase_model: \"org/base\"\nlicense: \"apache-2.0\"\ntags:\n- lora\n- peft\n"
+        ), "{s}");
+        assert!(
+            s.contains(&format!(
+                "| 0 | `org/a` | `{}` | 0.5 | 4 | 8 | no | `{}` |",
+                "a".repeat(40),
+                "f".repeat(64)
+            )),
+            "{s}"
+        );
+        assert!(
+            s.contains("| 1 | `./b` | local | 0.5 | 2 | 2 | yes |"),
+            "{s}"
+        );
+        assert!(s.contains(&format!("```sh\n{pinned}\n```")), "{s}");
+        assert!(
+            s.contains("(As typed: `lora-merge uniform --adapters org/a ./b -o m`"),
+            "{s}"
+        );
+
+        let same = "lora-merge uniform --adapters ./b -o m";
+        let s = card(None, same, same).render();
+        assert!(!s.contains("license:") && !s.contains("As typed"), "{s}");
     }
 }

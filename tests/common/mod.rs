@@ -1,7 +1,10 @@
 //! What the integration tests that drive Python share: the project's venv,
 //! running a committed script, fixture generation and the "N passed, 0
-//! failed" summary of the oracle scripts. (Each test binary uses a part.)
+//! failed" summary of the oracle scripts, and the test Hub server. (Each test
+//! binary uses a part.)
 #![allow(dead_code)]
+
+pub mod hub_server;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -795,7 +795,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
         "seed": args.seed,
         "device": device_name(dev),
         "threads": tch::get_num_threads(),
-        "base_model": {"path": dir.dir, "architecture": dir.arch.name(), "files": dir.files},
+        "base_model": {"path": dir.dir, "hub": dir.hub, "architecture": dir.arch.name(), "files": dir.files},
         "loss_curve": curve,
         "best_step": best_step,
         "validation": {
@@ -821,6 +821,11 @@ pub fn run(args: &FitArgs) -> Result<()> {
         timings: json!({"train_s": train_s, "merge_s": merge_s, "total_s": t0.elapsed().as_secs_f64()}),
         format: lora_merge::adapter::Format::Peft,
         fit: Some(FitExtras {
+            pins: dir
+                .hub
+                .iter()
+                .map(|h| (args.base.clone(), h.pinned.clone()))
+                .collect(),
             manifest: fit_record,
             card_section,
             files,
