@@ -181,6 +181,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             Ok(MergedModule {
                 name,
                 path: None,
+                sgm_name: None,
                 kind: ModuleKind::Linear,
                 fan_out: fout,
                 fan_in: fin,
