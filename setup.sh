@@ -64,7 +64,8 @@ if [ ! -f "$fortunes/food" ]; then
   fi
 fi
 
-# .cargo/config.toml points LIBTORCH at .venv/libtorch.
-torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+# .cargo/config.toml points LIBTORCH at .venv/libtorch. The link is relative
+# to .venv, so it survives moving or linking the venv.
+torch_dir=$(.venv/bin/python -c 'import os, sys, torch; print(os.path.relpath(os.path.dirname(torch.__file__), sys.prefix))')
 ln -sfn "$torch_dir" .venv/libtorch
 echo "setup: ok (libtorch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))" >&2
