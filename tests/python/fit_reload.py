@@ -49,50 +49,18 @@ ok); exits 0 when everything agrees, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
+
+from loadcheck import capture_warnings, key_problems
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TOLERANCE = 1e-4
-BAD_WORDS = ("missing", "unexpected", "mismatch", "not found", "were not used", "not initialized")
-
-
-@contextlib.contextmanager
-def capture_warnings():
-    """Collect python warnings, transformers/peft log records (WARNING+) and stderr."""
-    records: list[str] = []
-
-    class H(logging.Handler):
-        def emit(self, rec):
-            records.append(f"[{rec.name}] {rec.getMessage()}")
-
-    h = H(level=logging.WARNING)
-    loggers = [logging.getLogger(n) for n in ("transformers", "peft", "")]
-    for lg in loggers:
-        lg.addHandler(h)
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(record=True) as ws:
-            warnings.simplefilter("always")
-            with contextlib.redirect_stderr(sink):
-                yield records
-        records.extend(f"[warning] {w.message}" for w in ws)
-        if sink.getvalue().strip():
-            records.append(f"[stderr] {sink.getvalue().strip()}")
-    finally:
-        for lg in loggers:
-            lg.removeHandler(h)
-
-
 def read_shots(path: Path) -> list[dict]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -178,13 +146,13 @@ def main(argv=None) -> int:
         base = AutoModelForCausalLM.from_pretrained(str(args.base), dtype=torch.float32,
                                                     attn_implementation="eager").eval()
         model = PeftModel.from_pretrained(base, str(args.out)).eval()
-    problems += [m for m in msgs if any(b in m.lower() for b in BAD_WORDS)]
+    problems += key_problems(msgs)
     # the load result of a second copy (PeftModel.from_pretrained does not return one)
     with capture_warnings() as msgs2:
         res = model.load_adapter(str(args.out), adapter_name="reload_check")
     model.delete_adapter("reload_check")
     model.set_adapter("default")
-    problems += [m for m in msgs2 if any(b in m.lower() for b in BAD_WORDS)]
+    problems += key_problems(msgs2)
     if res.missing_keys:
         problems.append(f"missing keys: {res.missing_keys[:3]} ({len(res.missing_keys)})")
     if res.unexpected_keys:
