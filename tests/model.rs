@@ -5,13 +5,13 @@
 
 mod common;
 
+use common::run;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_lora-merge");
 
 use common::repo;
 
@@ -23,14 +23,6 @@ fn fixtures() -> &'static Path {
             &["-q", "--models", "llama,bert"],
         )
     })
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run lora-merge")
 }
 
 fn p(path: &Path) -> &str {
@@ -95,10 +87,7 @@ fn classify_eval_reports_the_reference_accuracy() {
     let want = reference("bert");
     let support = f.join("classify_support.jsonl");
     let data = f.join("classify_data.jsonl");
-    let a: Vec<PathBuf> = ["a0", "a1", "a2"]
-        .iter()
-        .map(|a| base.join("adapters").join(a))
-        .collect();
+    let a = fixture_adapters(&base);
     let out = run(&[
         "eval",
         "--base",
@@ -298,39 +287,41 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The fixture adapters a0, a1 and a2 of a fixture model.
+fn fixture_adapters(base: &Path) -> Vec<PathBuf> {
+    ["a0", "a1", "a2"]
+        .iter()
+        .map(|a| base.join("adapters").join(a))
+        .collect()
+}
+
+/// `lora-merge fit --base BASE --adapters ... --shots SHOTS -o OUT EXTRA...`
+fn fit(base: &Path, adapters: &[PathBuf], shots: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["fit", "--base", p(base), "--adapters"];
+    args.extend(adapters.iter().map(|a| p(a)));
+    args.extend(["--shots", p(shots), "-o", p(out)]);
+    args.extend(extra);
+    run(&args)
+}
+
 #[test]
 fn fit_is_deterministic_and_records_what_it_did() {
     let f = fixtures();
     let base = f.join("llama");
     let shots = f.join("causal.jsonl");
-    let a: Vec<PathBuf> = ["a0", "a1", "a2"]
-        .iter()
-        .map(|a| base.join("adapters").join(a))
-        .collect();
+    let a = fixture_adapters(&base);
     let outs = [f.join("fit-a"), f.join("fit-b")];
     let mut reports = Vec::new();
     for out in &outs {
-        let o = run(&[
-            "fit",
-            "--base",
-            p(&base),
-            "--adapters",
-            p(&a[0]),
-            p(&a[1]),
-            p(&a[2]),
-            "--shots",
-            p(&shots),
-            "-o",
-            p(out),
-            "--steps",
-            "8",
-            "--seed",
-            "3",
-            "--device",
-            "cpu",
-            "--json",
-            "--force",
-        ]);
+        let o = fit(
+            &base,
+            &a,
+            &shots,
+            out,
+            &[
+                "--steps", "8", "--seed", "3", "--device", "cpu", "--json", "--force",
+            ],
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         reports.push(serde_json::from_slice::<Value>(&o.stdout).unwrap());
     }
@@ -423,32 +414,19 @@ fn fit_is_deterministic_and_records_what_it_did() {
 fn fit_classify_with_both_heads_and_a_dry_run() {
     let f = fixtures();
     let base = f.join("bert");
-    let a: Vec<PathBuf> = ["a0", "a1", "a2"]
-        .iter()
-        .map(|a| base.join("adapters").join(a))
-        .collect();
+    let a = fixture_adapters(&base);
     let shots = f.join("classify_all.jsonl");
     let mut text = std::fs::read_to_string(f.join("classify_support.jsonl")).unwrap();
     text += &std::fs::read_to_string(f.join("classify_data.jsonl")).unwrap();
     std::fs::write(&shots, text).unwrap();
     let out = f.join("fit-cls");
-    let o = run(&[
-        "fit",
-        "--base",
-        p(&base),
-        "--adapters",
-        p(&a[0]),
-        p(&a[1]),
-        p(&a[2]),
-        "--shots",
-        p(&shots),
-        "-o",
-        p(&out),
-        "--dry-run",
-        "--json",
-        "--granularity",
-        "layer",
-    ]);
+    let o = fit(
+        &base,
+        &a,
+        &shots,
+        &out,
+        &["--dry-run", "--json", "--granularity", "layer"],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(plan["groups"], 2, "two layers");
@@ -456,25 +434,13 @@ fn fit_classify_with_both_heads_and_a_dry_run() {
     assert_eq!(plan["shots"]["count"], 15);
     assert!(!out.exists(), "--dry-run wrote {}", out.display());
     for head in ["prototype", "linear"] {
-        let o = run(&[
-            "fit",
-            "--base",
-            p(&base),
-            "--adapters",
-            p(&a[0]),
-            p(&a[1]),
-            p(&a[2]),
-            "--shots",
-            p(&shots),
-            "-o",
-            p(&out),
-            "--head",
-            head,
-            "--steps",
-            "5",
-            "--force",
-            "--json",
-        ]);
+        let o = fit(
+            &base,
+            &a,
+            &shots,
+            &out,
+            &["--head", head, "--steps", "5", "--force", "--json"],
+        );
         assert!(
             o.status.success(),
             "{head}: {}",
