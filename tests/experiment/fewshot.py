@@ -36,10 +36,11 @@ Subcommands (run from the repository root, after ./setup.sh and
              (what is shipped there was made by this command)
   demo       one draw of 5 shots per class: base / uniform / learned accuracy
              on the test set, and where the merged adapter was written
-  run        the full table (--shots 1 5 10 --seeds 5 by default), also the
-             learned weights per upstream adapter, accuracy against the number
-             of upstream adapters, and a full-data comparison; writes
-             target/fewshot/results.json and results.md
+  run        the full table (--shots 1 5 10 --seeds 5 by default) with the
+             learned weights per upstream adapter; each upstream adapter alone;
+             the uniform merge scaled; accuracy against the number of upstream
+             adapters; a full-data comparison. Writes target/fewshot/results.json
+             and results.md; --sections reruns some parts and keeps the others
   check      a reduced run for CI: asserts accuracies far above chance, and
              identical results from two runs with the same seed
 
@@ -262,11 +263,13 @@ class Tool:
     def common(self) -> list[str]:
         return ["--base", str(self.base), "--device", "cpu", "--max-length", str(MAX_LEN)]
 
-    def accuracy(self, support: Path, adapters: list[Path] | None = None) -> float:
+    def accuracy(self, support: Path, adapters: list[Path] | None = None, weights: list[float] | None = None) -> float:
         args = ["eval", *self.common(), "--task", "classify"]
         args += ["--data", str(DATA / "downstream" / "test.jsonl"), "--support", str(support)]
         if adapters:
             args += ["--adapters", *map(str, adapters)]
+        if weights:
+            args += ["--weights", *map(str, weights)]
         return self.run(*args)["accuracy"]
 
     def train(self, data: Path, out: Path, steps: int, seed: int, batch: int) -> dict:
@@ -399,16 +402,45 @@ def cmd_demo(args) -> None:
     print(f"\nmerged adapter (PEFT) written to {os.path.relpath(r['learned_dir'], Path.cwd())}  [{time.time() - t0:.0f} s]")
 
 
+SECTIONS = ("draws", "single", "scale", "n_sweep", "full")
+SCALES = (0.25, 0.5, 0.75, 1.0, 1.5)
+
+
 def cmd_run(args) -> None:
     t = tool(args)
     need_data()
-    t_start = time.time()
-    results: dict = {"draws": [], "n_sweep": [], "full": {}, "config": {
+    sections = args.sections or list(SECTIONS)
+    # Sections not asked for are kept from an earlier run's results.json.
+    old = json.loads((WORK / "results.json").read_text()) if (WORK / "results.json").is_file() else {}
+    results: dict = {"config": {
         "shots": args.shots, "seeds": args.seeds, "steps": STEPS, "lora_lr": LORA_LR,
         "composition_lr": COMPOSITION_LR, "max_length": MAX_LEN, "sweep_seeds": args.sweep_seeds, "upstream": list(UPSTREAM),
         "downstream": DOWNSTREAM,
     }}  # fmt: skip
     results["test_examples"] = len(read_jsonl(DATA / "downstream" / "test.jsonl"))
+    old_secs = old.get("seconds", {})
+    if not isinstance(old_secs, dict):  # results.json of a run before sections were timed apart
+        old_secs = {"draws, n_sweep, full": old_secs}
+    results["seconds"] = {k: v for k, v in old_secs.items() if k not in sections}
+    for section in SECTIONS:
+        if section not in sections:
+            results[section] = old.get(section, [] if section != "full" else {})
+            if section == "draws" and "config" in old:
+                results["config"].update({k: old["config"][k] for k in ("shots", "seeds") if k in old["config"]})
+            continue
+        t0 = time.time()
+        results[section] = [] if section != "full" else {}
+        {"draws": run_draws, "single": run_single, "scale": run_scale, "n_sweep": run_sweep, "full": run_full}[section](t, args, results)
+        results["seconds"][section] = time.time() - t0
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    md = table(results)
+    (WORK / "results.md").write_text(md)
+    print(md)
+
+
+def run_draws(t: Tool, args, results: dict) -> None:
+    """Every method, k shots per class, several seeds."""
     for k in args.shots:
         for seed in range(args.seeds):
             t0 = time.time()
@@ -417,7 +449,34 @@ def cmd_run(args) -> None:
             results["draws"].append(r)
             save_partial(results)
             log(f"k={k} seed={seed}: " + " ".join(f"{m} {100 * r[m]:.1f}" for m in ("base", "lora", "uniform", "learned")) + f" ({r['seconds']:.0f} s)")
-    # Accuracy against the number of upstream adapters (prefixes of the list), k=5.
+
+
+def run_single(t: Tool, args, results: dict) -> None:
+    """Each upstream adapter alone (no training), k=5: which upstream task is
+    closest to the downstream one, to compare with the learned weights."""
+    for name, up in zip(UPSTREAM, upstream_adapters()):
+        for seed in range(args.sweep_seeds):
+            acc = t.accuracy(shots(5, seed), [up])
+            results["single"].append({"adapter": name, "seed": seed, "accuracy": acc})
+            save_partial(results)
+            log(f"{name} alone, k=5 seed={seed}: {100 * acc:.1f}")
+
+
+def run_scale(t: Tool, args, results: dict) -> None:
+    """The uniform composition with its weights summing to s instead of 1, k=5.
+    Learned composition keeps the sum at 1 (a softmax); this shows whether a
+    weaker or stronger mix of the same adapters would do better."""
+    ups = upstream_adapters()
+    for scale in SCALES:
+        for seed in range(args.seeds):
+            acc = t.accuracy(shots(5, seed), ups, [scale / len(ups)] * len(ups))
+            results["scale"].append({"scale": scale, "seed": seed, "accuracy": acc})
+            save_partial(results)
+            log(f"uniform x{scale}, k=5 seed={seed}: {100 * acc:.1f}")
+
+
+def run_sweep(t: Tool, args, results: dict) -> None:
+    """Accuracy against the number of upstream adapters (prefixes of the list), k=5."""
     for n in range(1, len(UPSTREAM) + 1):
         for seed in range(args.sweep_seeds):
             r = one_draw(t, 5, seed, methods=("uniform", "learned"), ups=upstream_adapters(n))
@@ -425,28 +484,24 @@ def cmd_run(args) -> None:
             results["n_sweep"].append(r)
             save_partial(results)
             log(f"n={n} seed={seed}: uniform {100 * r['uniform']:.1f} learned {100 * r['learned']:.1f}")
-    # Full data: every pool quote; 3 epochs of batches of 16 for both.
-    if not args.no_full:
-        full = full_pool()
-        n_full = len(read_jsonl(full))
-        steps = 3 * n_full // 16
-        work = WORK / "runs" / "full"
-        rl = t.train(full, work / "lora", steps=steps, seed=0, batch=16)
-        rf = t.fit(upstream_adapters(), full, work / "learned", steps=steps, seed=0, batch=16)
-        results["full"] = {
-            "examples": n_full, "steps": steps,
-            "lora": {"accuracy": t.accuracy(full, [work / "lora"]), "trainable_parameters": rl["trainable_parameters"]},
-            "learned": {"accuracy": t.accuracy(full, [work / "learned"]), "trainable_parameters": rf["groups"] * len(UPSTREAM)},
-            "base": {"accuracy": t.accuracy(full), "trainable_parameters": 0},
-            "uniform": {"accuracy": t.accuracy(full, upstream_adapters()), "trainable_parameters": 0},
-        }  # fmt: skip
-        log(f"full data: {results['full']}")
-    results["seconds"] = time.time() - t_start
-    WORK.mkdir(parents=True, exist_ok=True)
-    (WORK / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    md = table(results)
-    (WORK / "results.md").write_text(md)
-    print(md)
+
+
+def run_full(t: Tool, args, results: dict) -> None:
+    """Full data: every pool quote; 3 epochs of batches of 16 for both trained methods."""
+    full = full_pool()
+    n_full = len(read_jsonl(full))
+    steps = 3 * n_full // 16
+    work = WORK / "runs" / "full"
+    rl = t.train(full, work / "lora", steps=steps, seed=0, batch=16)
+    rf = t.fit(upstream_adapters(), full, work / "learned", steps=steps, seed=0, batch=16)
+    results["full"] = {
+        "examples": n_full, "steps": steps,
+        "lora": {"accuracy": t.accuracy(full, [work / "lora"]), "trainable_parameters": rl["trainable_parameters"]},
+        "learned": {"accuracy": t.accuracy(full, [work / "learned"]), "trainable_parameters": rf["groups"] * len(UPSTREAM)},
+        "base": {"accuracy": t.accuracy(full), "trainable_parameters": 0},
+        "uniform": {"accuracy": t.accuracy(full, upstream_adapters()), "trainable_parameters": 0},
+    }  # fmt: skip
+    log(f"full data: {results['full']}")
 
 
 def save_partial(results: dict) -> None:
@@ -484,6 +539,25 @@ def table(res: dict) -> str:
     for a in UPSTREAM:
         cells = [f"{statistics.mean(d['weights'][a] for d in res['draws'] if d['k'] == k):.3f}" for k in ks]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    if res.get("single"):
+        lines.append("")
+        sw = len({d["seed"] for d in res["single"]})
+        lines.append(f"Each upstream adapter alone (no training), k=5, {sw} seeds, against its mean learned weight at k=5:\n")
+        lines.append("| upstream | accuracy (%) | learned weight |")
+        lines.append("|---|---|---|")
+        for a in UPSTREAM:
+            w5 = [d["weights"][a] for d in res["draws"] if d["k"] == 5]
+            wcell = f"{statistics.mean(w5):.3f}" if w5 else "-"
+            lines.append(f"| {a} | {mean_sd([d['accuracy'] for d in res['single'] if d['adapter'] == a])} | {wcell} |")
+    if res.get("scale"):
+        lines.append("")
+        scales = sorted({d["scale"] for d in res["scale"]})
+        sw = len({d["seed"] for d in res["scale"]})
+        lines.append(f"Uniform composition with its weights summing to s (1 is the uniform merge), k=5, {sw} seeds:\n")
+        lines.append("| s | " + " | ".join(f"{x:g}" for x in scales) + " |")
+        lines.append("|---|" + "---|" * len(scales))
+        cells = [mean_sd([d["accuracy"] for d in res["scale"] if d["scale"] == x]) for x in scales]
+        lines.append("| accuracy (%) | " + " | ".join(cells) + " |")
     if res["n_sweep"]:
         lines.append("")
         ns = sorted({d["n"] for d in res["n_sweep"]})
@@ -503,7 +577,12 @@ def table(res: dict) -> str:
         for m in ("base", "uniform", "lora", "learned"):
             lines.append(f"| {names[m]} | {100 * f[m]['accuracy']:.1f} | {f[m]['trainable_parameters']:,} |")
     lines.append("")
-    lines.append(f"Run time: {res['seconds'] / 60:.1f} min.")
+    secs = res["seconds"]
+    if isinstance(secs, dict):
+        parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in secs.items())
+        lines.append(f"Run time: {sum(secs.values()) / 60:.1f} min ({parts}).")
+    else:
+        lines.append(f"Run time: {secs / 60:.1f} min.")
     return "\n".join(lines) + "\n"
 
 
@@ -541,7 +620,10 @@ def main():
     r.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     r.add_argument("--seeds", type=int, default=5)
     r.add_argument("--sweep-seeds", type=int, default=3)
-    r.add_argument("--no-full", action="store_true")
+    r.add_argument(
+        "--sections", nargs="+", choices=SECTIONS,
+        help="run only these parts (default: all); the others are kept from an earlier results.json",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.cmd == "upstream" and UPSTREAM_DIR.exists():
         shutil.rmtree(UPSTREAM_DIR)
