@@ -381,35 +381,6 @@ fn choose(want: Want, listing: &[String], file: Option<&str>) -> Choice {
     }
 }
 
-/// The shard files a `model.safetensors.index.json` names, checked to be
-/// plain `.safetensors` names beside it.
-fn index_shards(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::invalid(index, format!("not JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::invalid(index, "no weight_map object"))?;
-    let mut shards: Vec<String> = Vec::new();
-    for f in map.values() {
-        let f = f
-            .as_str()
-            .ok_or_else(|| Error::invalid(index, "weight_map values must be file names"))?;
-        if f.contains('/') || f.contains('\\') || !f.ends_with(".safetensors") {
-            return Err(Error::invalid(
-                index,
-                format!("shard {f:?} is not a .safetensors file beside the index"),
-            ));
-        }
-        if !shards.iter().any(|s| s == f) {
-            shards.push(f.to_string());
-        }
-    }
-    shards.sort();
-    Ok(shards)
-}
-
 // ---------------------------------------------------------------------------
 // Fetching
 // ---------------------------------------------------------------------------
@@ -721,7 +692,7 @@ fn fetch_online(r: &HubRef, want: Want) -> Result<Snapshot> {
             check_blob(&path, &r.repo, &revision, &in_repo)?;
         }
         if f == MODEL_INDEX {
-            for shard in index_shards(&path)? {
+            for shard in crate::model::index_shard_names(&path)? {
                 if !listing.contains(&shard) {
                     return Err(Error::Hub(format!(
                         "{at}: {prefix}{shard}: named by {MODEL_INDEX} but not in the repository"
@@ -850,7 +821,7 @@ fn fetch_offline(r: &HubRef, want: Want) -> Result<Snapshot> {
         }
     };
     if files.iter().any(|f| f == MODEL_INDEX) {
-        for shard in index_shards(&dir.join(MODEL_INDEX))? {
+        for shard in crate::model::index_shard_names(&dir.join(MODEL_INDEX))? {
             if !files.contains(&shard) {
                 files.push(shard);
             }
@@ -1142,12 +1113,12 @@ mod tests {
         let p = tmp.path().join(MODEL_INDEX);
         std::fs::write(&p, r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-1.safetensors"}}"#).unwrap();
         assert_eq!(
-            index_shards(&p).unwrap(),
+            crate::model::index_shard_names(&p).unwrap(),
             l(&["m-1.safetensors", "m-2.safetensors"])
         );
         std::fs::write(&p, r#"{"weight_map": {"a": "../evil.safetensors"}}"#).unwrap();
-        assert!(index_shards(&p).is_err());
+        assert!(crate::model::index_shard_names(&p).is_err());
         std::fs::write(&p, r#"{"weight_map": {"a": "pytorch_model.bin"}}"#).unwrap();
-        assert!(index_shards(&p).is_err());
+        assert!(crate::model::index_shard_names(&p).is_err());
     }
 }

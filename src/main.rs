@@ -13,7 +13,7 @@ fn main() {
         Command::Verify(a) => commands::verify::run(a),
         Command::Push(a) => commands::push::run(a),
         // Needs libtorch: handed, arguments unchanged, to the companion binary.
-        Command::Eval(_) | Command::Fit(_) => commands::run_in_companion(),
+        Command::Eval(_) | Command::Fit(_) | Command::Train(_) => commands::run_in_companion(),
     };
     if let Err(e) = result {
         eprintln!("lora-merge: error: {e}");

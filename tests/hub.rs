@@ -87,6 +87,15 @@ fn ok(o: &Output, what: &str) {
     assert!(o.status.success(), "{what} failed:\n{}", text(o));
 }
 
+/// Exit status 1, and the output says every one of `needles`.
+fn assert_refused(o: &Output, needles: &[&str]) {
+    let t = text(o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    for n in needles {
+        assert!(t.contains(n), "{n:?} is not in:\n{t}");
+    }
+}
+
 fn fixture(name: &str) -> String {
     common::repo()
         .join("fixtures/adapters")
@@ -294,12 +303,7 @@ fn push_refusals_and_the_token_never_shown() {
 
     // No token: refused before anything is sent.
     let o = env.run(&["push", &out, "--repo", "alice/m"], None, false);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("token") && text(&o).contains("nothing was sent"),
-        "{}",
-        text(&o)
-    );
+    assert_refused(&o, &["token", "nothing was sent"]);
     assert!(
         server.log().is_empty(),
         "requests were sent: {:?}",
@@ -324,12 +328,7 @@ fn push_refusals_and_the_token_never_shown() {
     let orig = std::fs::read(&cfg).unwrap();
     std::fs::write(&cfg, b"{}").unwrap();
     let o = env.run(&["push", &out, "--repo", "alice/m"], Some(TOKEN), false);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("differs from merge_manifest.json"),
-        "{}",
-        text(&o)
-    );
+    assert_refused(&o, &["differs from merge_manifest.json"]);
     assert_eq!(server.log().len(), n);
     std::fs::write(&cfg, orig).unwrap();
 
@@ -378,12 +377,7 @@ fn push_refusals_and_the_token_never_shown() {
 
     // A private repository cannot be read without the token.
     let o = env.run(&["inspect", &format!("alice/m@{dev}")], None, false);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("401") && text(&o).contains("alice/m"),
-        "{}",
-        text(&o)
-    );
+    assert_refused(&o, &["401", "alice/m"]);
     let o = env.run(&["inspect", &format!("alice/m@{dev}")], Some(TOKEN), false);
     ok(&o, "inspect a private repository with the token");
 }
@@ -400,46 +394,27 @@ fn unknown_repo_revision_and_offline_misses_are_named() {
         None,
         false,
     );
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("bob/nope@main: no such repository"),
-        "{}",
-        text(&o)
-    );
+    assert_refused(&o, &["bob/nope@main: no such repository"]);
 
     let o = env.run(
         &["uniform", "--adapters", "bob/g@no-such-branch", "-o", &out],
         None,
         false,
     );
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("no revision \"no-such-branch\" in bob/g"),
-        "{}",
-        text(&o)
-    );
+    assert_refused(&o, &["no revision \"no-such-branch\" in bob/g"]);
 
     let o = env.run(
         &["uniform", "--adapters", "hf://bob/g/sub", "-o", &out],
         None,
         false,
     );
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("bob/g@main: sub/adapter_model.safetensors"),
-        "{}",
-        text(&o)
-    );
+    assert_refused(&o, &["bob/g@main: sub/adapter_model.safetensors"]);
 
     // Offline with an empty cache, then with the config cached but not the weights.
     let o = env.run(&["uniform", "--adapters", "bob/g", "-o", &out], None, true);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let t = text(&o);
-    assert!(
-        t.contains("HF_HUB_OFFLINE")
-            && t.contains("bob/g@main")
-            && t.contains("not in the Hub cache"),
-        "{t}"
+    assert_refused(
+        &o,
+        &["HF_HUB_OFFLINE", "bob/g@main", "not in the Hub cache"],
     );
     ok(
         &env.run(&["inspect", "bob/g"], None, false),
@@ -452,13 +427,11 @@ fn unknown_repo_revision_and_offline_misses_are_named() {
         None,
         true,
     );
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let t = text(&o);
-    assert!(
-        t.contains(&format!(
+    assert_refused(
+        &o,
+        &[&format!(
             "adapter_model.safetensors of bob/g@{c} is not in the Hub cache"
-        )),
-        "{t}"
+        )],
     );
     assert!(!Path::new(&out).exists());
 }
@@ -516,12 +489,7 @@ fn a_download_cut_short_is_never_used_or_left_as_complete() {
         None,
         false,
     );
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("does not match its sha256"),
-        "{}",
-        text(&o)
-    );
+    assert_refused(&o, &["does not match its sha256"]);
     assert!(
         !repo.join("blobs").join(&sha).exists(),
         "a corrupt blob was kept"

@@ -5,13 +5,13 @@
 
 mod common;
 
+use common::run;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_lora-merge");
 
 use common::repo;
 
@@ -23,14 +23,6 @@ fn fixtures() -> &'static Path {
             &["-q", "--models", "llama,bert"],
         )
     })
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run lora-merge")
 }
 
 fn p(path: &Path) -> &str {
@@ -95,10 +87,7 @@ fn classify_eval_reports_the_reference_accuracy() {
     let want = reference("bert");
     let support = f.join("classify_support.jsonl");
     let data = f.join("classify_data.jsonl");
-    let a: Vec<PathBuf> = ["a0", "a1", "a2"]
-        .iter()
-        .map(|a| base.join("adapters").join(a))
-        .collect();
+    let a = fixture_adapters(&base);
     let out = run(&[
         "eval",
         "--base",
@@ -298,39 +287,41 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The fixture adapters a0, a1 and a2 of a fixture model.
+fn fixture_adapters(base: &Path) -> Vec<PathBuf> {
+    ["a0", "a1", "a2"]
+        .iter()
+        .map(|a| base.join("adapters").join(a))
+        .collect()
+}
+
+/// `lora-merge fit --base BASE --adapters ... --shots SHOTS -o OUT EXTRA...`
+fn fit(base: &Path, adapters: &[PathBuf], shots: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["fit", "--base", p(base), "--adapters"];
+    args.extend(adapters.iter().map(|a| p(a)));
+    args.extend(["--shots", p(shots), "-o", p(out)]);
+    args.extend(extra);
+    run(&args)
+}
+
 #[test]
 fn fit_is_deterministic_and_records_what_it_did() {
     let f = fixtures();
     let base = f.join("llama");
     let shots = f.join("causal.jsonl");
-    let a: Vec<PathBuf> = ["a0", "a1", "a2"]
-        .iter()
-        .map(|a| base.join("adapters").join(a))
-        .collect();
+    let a = fixture_adapters(&base);
     let outs = [f.join("fit-a"), f.join("fit-b")];
     let mut reports = Vec::new();
     for out in &outs {
-        let o = run(&[
-            "fit",
-            "--base",
-            p(&base),
-            "--adapters",
-            p(&a[0]),
-            p(&a[1]),
-            p(&a[2]),
-            "--shots",
-            p(&shots),
-            "-o",
-            p(out),
-            "--steps",
-            "8",
-            "--seed",
-            "3",
-            "--device",
-            "cpu",
-            "--json",
-            "--force",
-        ]);
+        let o = fit(
+            &base,
+            &a,
+            &shots,
+            out,
+            &[
+                "--steps", "8", "--seed", "3", "--device", "cpu", "--json", "--force",
+            ],
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         reports.push(serde_json::from_slice::<Value>(&o.stdout).unwrap());
     }
@@ -423,32 +414,19 @@ fn fit_is_deterministic_and_records_what_it_did() {
 fn fit_classify_with_both_heads_and_a_dry_run() {
     let f = fixtures();
     let base = f.join("bert");
-    let a: Vec<PathBuf> = ["a0", "a1", "a2"]
-        .iter()
-        .map(|a| base.join("adapters").join(a))
-        .collect();
+    let a = fixture_adapters(&base);
     let shots = f.join("classify_all.jsonl");
     let mut text = std::fs::read_to_string(f.join("classify_support.jsonl")).unwrap();
     text += &std::fs::read_to_string(f.join("classify_data.jsonl")).unwrap();
     std::fs::write(&shots, text).unwrap();
     let out = f.join("fit-cls");
-    let o = run(&[
-        "fit",
-        "--base",
-        p(&base),
-        "--adapters",
-        p(&a[0]),
-        p(&a[1]),
-        p(&a[2]),
-        "--shots",
-        p(&shots),
-        "-o",
-        p(&out),
-        "--dry-run",
-        "--json",
-        "--granularity",
-        "layer",
-    ]);
+    let o = fit(
+        &base,
+        &a,
+        &shots,
+        &out,
+        &["--dry-run", "--json", "--granularity", "layer"],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(plan["groups"], 2, "two layers");
@@ -456,25 +434,13 @@ fn fit_classify_with_both_heads_and_a_dry_run() {
     assert_eq!(plan["shots"]["count"], 15);
     assert!(!out.exists(), "--dry-run wrote {}", out.display());
     for head in ["prototype", "linear"] {
-        let o = run(&[
-            "fit",
-            "--base",
-            p(&base),
-            "--adapters",
-            p(&a[0]),
-            p(&a[1]),
-            p(&a[2]),
-            "--shots",
-            p(&shots),
-            "-o",
-            p(&out),
-            "--head",
-            head,
-            "--steps",
-            "5",
-            "--force",
-            "--json",
-        ]);
+        let o = fit(
+            &base,
+            &a,
+            &shots,
+            &out,
+            &["--head", head, "--steps", "5", "--force", "--json"],
+        );
         assert!(
             o.status.success(),
             "{head}: {}",
@@ -628,4 +594,114 @@ fn fit_finds_the_adapter_trained_for_the_task_and_peft_reloads_it() {
         String::from_utf8_lossy(&o.stderr)
     );
     println!("{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// `train` makes an ordinary LoRA that lowers the loss on its data, and that
+/// PEFT loads to the same loss `eval` reports for it.
+#[test]
+fn train_makes_a_lora_that_peft_loads_and_that_helps() {
+    let f = fixtures();
+    let base = f.join("llama");
+    let data = f.join("causal.jsonl");
+    let out = f.join("trained");
+    let o = run(&[
+        "train",
+        "--base",
+        p(&base),
+        "--data",
+        p(&data),
+        "-o",
+        p(&out),
+        "--steps",
+        "30",
+        "--lr",
+        "0.01",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--target-modules",
+        "q_proj",
+        "v_proj",
+        "down_proj",
+        "--device",
+        "cpu",
+        "--json",
+        "--force",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["modules"], 6, "2 layers x 3 targets");
+    // r (4) x (in + out) per module: q, v: 4 x (64 + 64) and 4 x (64 + 32); down: 4 x (128 + 64).
+    assert_eq!(r["trainable_parameters"], 2 * (4 * 128 + 4 * 96 + 4 * 192));
+    let curve = r["loss_curve"].as_array().unwrap();
+    let first = curve[0]["train_loss"].as_f64().unwrap();
+    let last = curve.last().unwrap()["train_loss"].as_f64().unwrap();
+    assert!(last < 0.8 * first, "training loss {first} -> {last}");
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    let m = read_json(&out.join("merge_manifest.json"));
+    assert_eq!(m["command_line"][1], "train");
+    assert_eq!(m["training"]["hyper_parameters"]["rank"], 4);
+    assert!(run(&["verify", p(&out)]).status.success());
+
+    let eval = |extra: &[&str]| -> f64 {
+        let mut a = vec!["eval", "--base", p(&base), "--data", p(&data), "--json"];
+        a.extend_from_slice(extra);
+        let o = run(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let trained = eval(&["--adapter", p(&out)]);
+    let base_loss = eval(&[]);
+    assert!(
+        trained < 0.8 * base_loss,
+        "eval: trained {trained} vs base {base_loss}"
+    );
+    let o = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/python/fit_reload.py"))
+        .args([
+            "--base",
+            p(&base),
+            "--out",
+            p(&out),
+            "--shots",
+            p(&data),
+            "--all",
+        ])
+        .args([
+            "--expect-loss",
+            &trained.to_string(),
+            "--expect-base-loss",
+            &base_loss.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "PEFT reload check failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // A target that matches nothing is refused, naming the model's layers.
+    assert_refused(
+        &[
+            "train",
+            "--base",
+            p(&base),
+            "--data",
+            p(&data),
+            "-o",
+            p(&f.join("t2")),
+            "--target-modules",
+            "query",
+        ],
+        &[
+            "--target-modules query matches no linear layer",
+            "layers.0.self_attn.q_proj",
+        ],
+    );
 }

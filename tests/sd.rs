@@ -11,13 +11,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use lora_merge::adapter::safetensors::SafetensorsFile;
 use lora_merge::adapter::{sdnames, AdapterSet};
 
 mod common;
+
+use common::run;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lora-merge");
 const TOL: f64 = 1e-6;
@@ -26,14 +27,6 @@ const TOL: f64 = 1e-6;
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| common::generate("fixtures/make_sd_fixtures.py", &[]))
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run lora-merge")
 }
 
 fn ok(args: &[&str]) {

@@ -463,6 +463,7 @@ pub fn write_merge(
             .collect(),
         timings: rec.timings.clone(),
         fit: rec.fit.as_ref().map(|f| f.manifest.clone()),
+        training: None,
         outputs: written.clone(),
     };
     let manifest_text =

@@ -177,9 +177,11 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     ))
 }
 
-/// Shard files named by `model.safetensors.index.json`'s `weight_map`, in
-/// order, each once. A shard outside the directory is refused.
-fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+/// The shard files that `model.safetensors.index.json`'s `weight_map`
+/// names, sorted, each once: plain `.safetensors` file names beside the
+/// index (no folders, nothing hidden). The Hub fetcher uses this to know
+/// what to download, so both sides agree on what a sharded model is.
+pub fn index_shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::invalid(index, format!("not JSON: {e}")))?;
@@ -192,10 +194,16 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
         let file = file.as_str().ok_or_else(|| {
             Error::invalid(index, format!("weight_map[{tensor:?}] is not a file name"))
         })?;
-        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+        if file.contains('/')
+            || file.contains('\\')
+            || file.starts_with('.')
+            || !file.ends_with(".safetensors")
+        {
             return Err(Error::invalid(
                 index,
-                format!("weight_map[{tensor:?}] = {file:?} is not a file in the model directory"),
+                format!(
+                    "weight_map[{tensor:?}] = {file:?} is not a .safetensors file beside the index"
+                ),
             ));
         }
         if !shards.iter().any(|s| s == file) {
@@ -206,7 +214,15 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
     if shards.is_empty() {
         return Err(Error::invalid(index, "weight_map is empty"));
     }
-    let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+    Ok(shards)
+}
+
+/// The shard paths of a sharded model directory; each must exist.
+fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let paths: Vec<PathBuf> = index_shard_names(index)?
+        .iter()
+        .map(|s| dir.join(s))
+        .collect();
     if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
         return Err(Error::invalid(
             index,
@@ -324,6 +340,9 @@ mod tests {
         )
         .unwrap();
         let e = ModelDir::open(d.path()).err().unwrap().to_string();
-        assert!(e.contains("not a file in the model directory"), "{e}");
+        assert!(
+            e.contains("is not a .safetensors file beside the index"),
+            "{e}"
+        );
     }
 }

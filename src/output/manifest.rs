@@ -28,6 +28,9 @@ pub struct Manifest {
     /// learned weights per group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fit: Option<Value>,
+    /// `train` only: data, hyper-parameters, seed, device, loss curve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<Value>,
     /// sha256 and size of every other file in the directory.
     pub outputs: BTreeMap<String, WrittenFile>,
 }

@@ -1,7 +1,7 @@
 //! What the integration tests that drive Python share: the project's venv,
 //! running a committed script, fixture generation and the "N passed, 0
-//! failed" summary of the oracle scripts, and the test Hub server. (Each test
-//! binary uses a part.)
+//! failed" summary of the oracle scripts, running the binary, and the test
+//! Hub server. (Each test binary uses a part.)
 #![allow(dead_code)]
 
 pub mod hub_server;
@@ -11,6 +11,15 @@ use std::process::{Command, Output};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Run the `lora-merge` binary under test with `args` (colour off).
+pub fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lora-merge"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run lora-merge")
 }
 
 /// The venv's Python, which setup.sh fills with torch and the oracles.

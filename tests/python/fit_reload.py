@@ -49,50 +49,18 @@ ok); exits 0 when everything agrees, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
+
+from loadcheck import capture_warnings, key_problems
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TOLERANCE = 1e-4
-BAD_WORDS = ("missing", "unexpected", "mismatch", "not found", "were not used", "not initialized")
-
-
-@contextlib.contextmanager
-def capture_warnings():
-    """Collect python warnings, transformers/peft log records (WARNING+) and stderr."""
-    records: list[str] = []
-
-    class H(logging.Handler):
-        def emit(self, rec):
-            records.append(f"[{rec.name}] {rec.getMessage()}")
-
-    h = H(level=logging.WARNING)
-    loggers = [logging.getLogger(n) for n in ("transformers", "peft", "")]
-    for lg in loggers:
-        lg.addHandler(h)
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(record=True) as ws:
-            warnings.simplefilter("always")
-            with contextlib.redirect_stderr(sink):
-                yield records
-        records.extend(f"[warning] {w.message}" for w in ws)
-        if sink.getvalue().strip():
-            records.append(f"[stderr] {sink.getvalue().strip()}")
-    finally:
-        for lg in loggers:
-            lg.removeHandler(h)
-
-
 def read_shots(path: Path) -> list[dict]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -132,7 +100,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="output directory of `lora-merge fit`")
     ap.add_argument("--shots", required=True, type=Path, help="the shots file given to `fit`")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--all", action="store_true",
+                    help="score every example of --shots against --expect-loss and --expect-base-loss "
+                         "(for an adapter written by `train`, or with figures from `lora-merge eval`) "
+                         "instead of the manifest's held-out split and losses")
+    ap.add_argument("--expect-loss", type=float, help="with --all: the adapter's loss to match")
+    ap.add_argument("--expect-base-loss", type=float, help="with --all: the base model's loss to match")
     args = ap.parse_args(argv)
+    if args.all and (args.expect_loss is None or args.expect_base_loss is None):
+        ap.error("--all needs --expect-loss and --expect-base-loss")
 
     import torch
     import transformers
@@ -146,16 +122,20 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_warning()
 
     manifest = json.loads((args.out / "merge_manifest.json").read_text())
-    fit = manifest["fit"]
-    val_idx = fit["shots"]["validation"]
     shots = read_shots(args.shots)
-    if not val_idx:
-        print("FAIL: the manifest lists no held-out shots", file=sys.stderr)
-        return 1
-    if max(val_idx) >= len(shots):
-        print(f"FAIL: validation index {max(val_idx)} beyond {len(shots)} shots", file=sys.stderr)
-        return 1
-    rows = [shots[i] for i in val_idx]
+    if args.all:
+        fit = None
+        rows = shots
+    else:
+        fit = manifest["fit"]
+        val_idx = fit["shots"]["validation"]
+        if not val_idx:
+            print("FAIL: the manifest lists no held-out shots", file=sys.stderr)
+            return 1
+        if max(val_idx) >= len(shots):
+            print(f"FAIL: validation index {max(val_idx)} beyond {len(shots)} shots", file=sys.stderr)
+            return 1
+        rows = [shots[i] for i in val_idx]
 
     tok = Tokenizer.from_file(str(args.base / "tokenizer.json"))
     tok.no_padding()
@@ -166,13 +146,13 @@ def main(argv=None) -> int:
         base = AutoModelForCausalLM.from_pretrained(str(args.base), dtype=torch.float32,
                                                     attn_implementation="eager").eval()
         model = PeftModel.from_pretrained(base, str(args.out)).eval()
-    problems += [m for m in msgs if any(b in m.lower() for b in BAD_WORDS)]
+    problems += key_problems(msgs)
     # the load result of a second copy (PeftModel.from_pretrained does not return one)
     with capture_warnings() as msgs2:
         res = model.load_adapter(str(args.out), adapter_name="reload_check")
     model.delete_adapter("reload_check")
     model.set_adapter("default")
-    problems += [m for m in msgs2 if any(b in m.lower() for b in BAD_WORDS)]
+    problems += key_problems(msgs2)
     if res.missing_keys:
         problems.append(f"missing keys: {res.missing_keys[:3]} ({len(res.missing_keys)})")
     if res.unexpected_keys:
@@ -193,8 +173,11 @@ def main(argv=None) -> int:
     with model.disable_adapter():
         base_loss, _ = heldout_loss(model, tok, rows)
 
-    man_learned = float(fit["validation"]["learned"]["loss"])
-    man_base = float(fit["validation"]["base"]["loss"])
+    if fit is None:
+        man_learned, man_base = args.expect_loss, args.expect_base_loss
+    else:
+        man_learned = float(fit["validation"]["learned"]["loss"])
+        man_base = float(fit["validation"]["base"]["loss"])
     report = {
         "peft_val_loss": peft_loss,
         "manifest_val_loss": man_learned,
@@ -202,7 +185,7 @@ def main(argv=None) -> int:
         "base_val_loss": base_loss,
         "manifest_base_loss": man_base,
         "base_rel_diff": rel_diff(base_loss, man_base),
-        "manifest_uniform_loss": fit["validation"].get("uniform", {}).get("loss"),
+        "manifest_uniform_loss": fit["validation"].get("uniform", {}).get("loss") if fit else None,
         "tolerance": TOLERANCE,
         "examples": len(rows),
         "tokens": tokens,

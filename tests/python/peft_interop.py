@@ -28,11 +28,8 @@ failure.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
-import logging
 import math
 import os
 import shutil
@@ -40,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,6 +44,7 @@ FIXTURES = REPO / "fixtures"
 sys.path.insert(0, str(FIXTURES))
 
 import make_fixtures as mf  # noqa: E402
+from loadcheck import capture_warnings, key_problems  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,38 +90,6 @@ R = Report()
 
 
 # -------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def capture_warnings():
-    """Collect python warnings and transformers/peft log records (WARNING+)."""
-    records: list[str] = []
-
-    class H(logging.Handler):
-        def emit(self, rec):
-            records.append(f"[{rec.name}] {rec.getMessage()}")
-
-    h = H(level=logging.WARNING)
-    loggers = [logging.getLogger(n) for n in ("transformers", "peft", "")]
-    for lg in loggers:
-        lg.addHandler(h)
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(record=True) as ws:
-            warnings.simplefilter("always")
-            with contextlib.redirect_stderr(sink):
-                yield records
-        records.extend(f"[warning] {w.message}" for w in ws)
-        if sink.getvalue().strip():
-            records.append(f"[stderr] {sink.getvalue().strip()}")
-    finally:
-        for lg in loggers:
-            lg.removeHandler(h)
-
-
-def key_problem(msgs: list[str]) -> list[str]:
-    bad_words = ("missing", "unexpected", "mismatch", "not found", "were not used", "not initialized")
-    return [m for m in msgs if any(b in m.lower() for b in bad_words)]
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b||_F / ||b||_F (||a||_F when b == 0)."""
     nb = torch.linalg.norm(b).item()
@@ -182,7 +147,7 @@ def check_inputs(env: Env):
             res = pm.load_adapter(str(env.adapters[n]), adapter_name=n)
             R.check(f"inputs/{n}/load", not res.missing_keys and not res.unexpected_keys,
                     f"missing={res.missing_keys[:3]} unexpected={res.unexpected_keys[:3]}")
-    probs = key_problem(msgs)
+    probs = key_problems(msgs)
     R.check("inputs/load-warnings", not probs, "; ".join(probs[:3]) or "none")
     pm.eval()
     deltas = {n: deltas_of(pm, n) for n in names}
@@ -253,7 +218,7 @@ def load_output(env: Env, label: str, out: Path, expect_dtype: torch.dtype = tor
     except Exception as e:  # noqa: BLE001
         R.check(f"{label}/peft-load", False, f"{type(e).__name__}: {str(e)[:1500]}")
         return None
-    probs = key_problem(msgs)
+    probs = key_problems(msgs)
     R.check(f"{label}/peft-load", not probs,
             ("warnings: " + " | ".join(p[:300] for p in probs[:3])) if probs else
             f"PeftModel.from_pretrained ok ({len(msgs)} other warnings)")

@@ -157,6 +157,41 @@ def model_path(module: torch.nn.Module, path: str) -> str:
         return path.removeprefix("text_model.")
     return path
 
+def clip(width: int, heads: int, layers: int = 2, projection: bool = False):
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(
+        CLIPTextConfig(
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            projection_dim=width,
+            **CLIP_COMMON,
+        )
+    )
+
+
+def sdxl_unet(widths, transformer_layers, cross_dim: int, head_dims, time_dim: int):
+    """A UNet with SDXL's block structure (and its text_time embedding) at the given sizes."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=widths,
+        layers_per_block=2,
+        transformer_layers_per_block=transformer_layers,
+        cross_attention_dim=cross_dim,
+        attention_head_dim=head_dims,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + widths[-1],
+        norm_num_groups=8,
+    )
+
+
 def sd15_components():
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -170,58 +205,12 @@ def sd15_components():
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=96,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            num_attention_heads=12,
-            projection_dim=96,
-            **CLIP_COMMON,
-        )
-    )
-    return {"unet": unet, "text_encoder": te}
+    return {"unet": unet, "text_encoder": clip(96, 12)}
 
 
 def sdxl_components():
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(40, 80, 160),
-        layers_per_block=2,
-        transformer_layers_per_block=(1, 2, 2),
-        cross_attention_dim=256,
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=32,
-        projection_class_embeddings_input_dim=6 * 32 + 160,
-        norm_num_groups=8,
-    )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=96,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            num_attention_heads=12,
-            projection_dim=96,
-            **CLIP_COMMON,
-        )
-    )
-    te2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            hidden_size=160,
-            intermediate_size=640,
-            num_hidden_layers=2,
-            num_attention_heads=20,
-            projection_dim=160,
-            **CLIP_COMMON,
-        )
-    )
-    return {"unet": unet, "text_encoder": te, "text_encoder_2": te2}
+    unet = sdxl_unet((40, 80, 160), (1, 2, 2), cross_dim=256, head_dims=(5, 10, 20), time_dim=32)
+    return {"unet": unet, "text_encoder": clip(96, 12), "text_encoder_2": clip(160, 20, projection=True)}
 
 
 def tiny_vae():
@@ -237,27 +226,8 @@ def tiny_vae():
 
 def sgm_components():
     """An SDXL-structured UNet at widths 8/16/32 (fixtures' SGM_TABLE)."""
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(8, 16, 32),
-        layers_per_block=2,
-        transformer_layers_per_block=(1, 2, 10),
-        cross_attention_dim=64,
-        attention_head_dim=(1, 2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        norm_num_groups=8,
-    )
-    small = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, projection_dim=32)
-    te = CLIPTextModel(CLIPTextConfig(**small, **CLIP_COMMON))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**small, **CLIP_COMMON))
-    return {"unet": unet, "text_encoder": te, "text_encoder_2": te2}
+    unet = sdxl_unet((8, 16, 32), (1, 2, 10), cross_dim=64, head_dims=(1, 2, 4), time_dim=8)
+    return {"unet": unet, "text_encoder": clip(32, 4, layers=1), "text_encoder_2": clip(32, 4, layers=1, projection=True)}
 
 
 MODELS = {
@@ -367,21 +337,63 @@ def lora_layers(pipe, comps) -> set:
     return found
 
 
-def check_file(rep: Report, label: str, model: str, comps, weights_file: Path, want: dict) -> None:
-    pipe = make_pipe(model, comps)
+def load_listening(load):
+    """Run a loader; return (its result, the error it raised or None, what
+    diffusers/PEFT/transformers logged and warned meanwhile)."""
     col = Collect()
     for n in LOGGERS:
         logging.getLogger(n).addHandler(col)
+    result, err = None, None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            pipe.load_lora_weights(str(weights_file.parent), weight_name=weights_file.name, adapter_name="sut")
-            err = None
-        except Exception as e:  # a refusal is a failure of this check, not of the script
+            result = load()
+        except Exception as e:  # a refusal is a failure of the check, not of the script
             err = f"{type(e).__name__}: {e}"
     for n in LOGGERS:
         logging.getLogger(n).removeHandler(col)
-    noise = [n for n in col.records + [f"{w.category.__name__}: {w.message}" for w in caught] if not expected_note(n, want)]
+    return result, err, col.records + [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def compare_deltas(rep: Report, label: str, verb: str, comps, merged_of, want: dict) -> float:
+    """Every weight of `merged_of(comp)` minus the untouched `comps[comp]`
+    must be the wanted delta where one is wanted and zero elsewhere."""
+    worst, bad, changed_other, seen = 0.0, [], [], set()
+    for comp in comps:
+        before = comps[comp].state_dict()
+        after = merged_of(comp).state_dict()
+        if set(before) != set(after):
+            changed_other.append(f"{comp}: key sets differ {sorted(set(before) ^ set(after))[:5]}")
+            continue
+        for key, w0 in before.items():
+            path = key[: -len(".weight")] if key.endswith(".weight") else None
+            w1 = after[key]
+            if (comp, path) in want:
+                seen.add((comp, path))
+                d = want[(comp, path)]
+                got = w1.double() - w0.double()
+                e = float((got - d).norm() / d.norm()) if got.shape == d.shape else float("inf")
+                worst = max(worst, e)
+                if not e <= TOL:
+                    bad.append(f"{comp}.{path} {e:.3e}")
+            elif not torch.equal(w0, w1):
+                changed_other.append(f"{comp}.{key}")
+    bad += [f"{c}.{p} not in the model" for c, p in sorted(set(want) - seen)]
+    rep.check(
+        f"{label}: {verb} delta of {len(seen)} modules = expected, max rel err {worst:.3e} (tol {TOL:g})",
+        not bad,
+        ", ".join(bad[:10]),
+    )
+    rep.check(f"{label}: no other weight changed", not changed_other, ", ".join(changed_other[:10]))
+    return worst
+
+
+def check_file(rep: Report, label: str, model: str, comps, weights_file: Path, want: dict) -> None:
+    pipe = make_pipe(model, comps)
+    _, err, said = load_listening(
+        lambda: pipe.load_lora_weights(str(weights_file.parent), weight_name=weights_file.name, adapter_name="sut")
+    )
+    noise = [n for n in said if not expected_note(n, want)]
     if not rep.check(f"{label}: diffusers loads it", err is None, err or ""):
         return
     rep.check(f"{label}: loaded with no warnings", not noise, " | ".join(noise)[:2000])
@@ -402,34 +414,7 @@ def check_file(rep: Report, label: str, model: str, comps, weights_file: Path, w
 
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()
-    worst, bad, changed_other, seen = 0.0, [], [], set()
-    for comp in comps:
-        before = comps[comp].state_dict()
-        after = getattr(pipe, comp).state_dict()
-        if set(before) != set(after):
-            changed_other.append(f"{comp}: key sets differ {sorted(set(before) ^ set(after))[:5]}")
-            continue
-        for key, w0 in before.items():
-            path = key[: -len(".weight")] if key.endswith(".weight") else None
-            w1 = after[key]
-            if (comp, path) in want:
-                seen.add((comp, path))
-                d = want[(comp, path)]
-                got = w1.double() - w0.double()
-                e = float((got - d).norm() / d.norm()) if got.shape == d.shape else float("inf")
-                worst = max(worst, e)
-                if not e <= TOL:
-                    bad.append(f"{comp}.{path} {e:.3e}")
-            elif not torch.equal(w0, w1):
-                changed_other.append(f"{comp}.{key}")
-    bad += [f"{c}.{p} not in the model" for c, p in sorted(set(want) - seen)]
-    rep.check(
-        f"{label}: fused delta of {len(seen)} modules = expected, max rel err {worst:.3e} (tol {TOL:g})",
-        not bad and seen == set(want),
-        ", ".join(bad),
-    )
-    rep.check(f"{label}: no other weight changed", not changed_other, ", ".join(changed_other[:10]))
-    return worst
+    return compare_deltas(rep, label, "fused", comps, lambda comp: getattr(pipe, comp), want)
 
 
 class Components(torch.nn.Module):
@@ -456,19 +441,7 @@ def check_peft(rep: Report, label: str, model: str, comps, out: Path, want: dict
 
     copies = {k: copy.deepcopy(v) for k, v in comps.items()}
     holder = Components(copies)
-    col = Collect()
-    for n in LOGGERS:
-        logging.getLogger(n).addHandler(col)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            peft_model = PeftModel.from_pretrained(holder, str(out), adapter_name="sut")
-            err = None
-        except Exception as e:
-            err = f"{type(e).__name__}: {e}"
-    for n in LOGGERS:
-        logging.getLogger(n).removeHandler(col)
-    noise = col.records + [f"{w.category.__name__}: {w.message}" for w in caught]
+    peft_model, err, noise = load_listening(lambda: PeftModel.from_pretrained(holder, str(out), adapter_name="sut"))
     if not rep.check(f"{label}: PEFT loads it", err is None, err or ""):
         return 0.0
     rep.check(f"{label}: loaded with no warnings", not noise, " | ".join(noise)[:2000])
@@ -484,33 +457,7 @@ def check_peft(rep: Report, label: str, model: str, comps, out: Path, want: dict
         f"extra {sorted(injected - set(want))[:5]}, missing {sorted(set(want) - injected)[:5]}",
     )
     peft_model.merge_and_unload()
-    worst, bad, changed_other, seen = 0.0, [], [], set()
-    for comp in comps:
-        before = comps[comp].state_dict()
-        after = copies[comp].state_dict()
-        if set(before) != set(after):
-            changed_other.append(f"{comp}: key sets differ {sorted(set(before) ^ set(after))[:5]}")
-            continue
-        for key, w0 in before.items():
-            path = key[: -len(".weight")] if key.endswith(".weight") else None
-            w1 = after[key]
-            if (comp, path) in want:
-                seen.add((comp, path))
-                d = want[(comp, path)]
-                got = w1.double() - w0.double()
-                e = float((got - d).norm() / d.norm()) if got.shape == d.shape else float("inf")
-                worst = max(worst, e)
-                if not e <= TOL:
-                    bad.append(f"{comp}.{path} {e:.3e}")
-            elif not torch.equal(w0, w1):
-                changed_other.append(f"{comp}.{key}")
-    rep.check(
-        f"{label}: merged delta of {len(seen)} modules = expected, max rel err {worst:.3e} (tol {TOL:g})",
-        not bad and seen == set(want),
-        ", ".join(bad[:10]),
-    )
-    rep.check(f"{label}: no other weight changed", not changed_other, ", ".join(changed_other[:10]))
-    return worst
+    return compare_deltas(rep, label, "merged", comps, lambda comp: copies[comp], want)
 
 
 def bench_coverage(rep: Report) -> None:

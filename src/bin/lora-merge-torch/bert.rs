@@ -46,7 +46,8 @@ impl Bert {
         let linear = |bank: &mut LoraBank, name: &str, out: usize, inp: usize| -> Result<Linear> {
             let w = ld.get(&format!("{name}.weight"), &[out, inp])?;
             let b = ld.get(&format!("{name}.bias"), &[out])?;
-            Ok(Linear::new(w, Some(b), bank.take(name, out, inp)?))
+            let t = bank.trainable(name, out, inp)?;
+            Ok(Linear::new(w, Some(b), bank.take(name, out, inp)?).with_trainable(t))
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {

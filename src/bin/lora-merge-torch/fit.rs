@@ -34,11 +34,11 @@ use crate::tokenize::{pad, Tok};
 /// give near-uniform class probabilities and weak gradients. The linear
 /// head starts at this multiple of the prototypes, so the two heads agree
 /// at step 0.
-const PROTO_SCALE: f64 = 10.0;
+pub(crate) const PROTO_SCALE: f64 = 10.0;
 
 /// splitmix64: the split and batch order depend on the seed alone, not on
 /// libtorch's generator or version.
-struct Rng(u64);
+pub(crate) struct Rng(pub u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -49,7 +49,7 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn shuffle<T>(&mut self, v: &mut [T]) {
+    pub(crate) fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             let j = (self.next() % (i as u64 + 1)) as usize;
             v.swap(i, j);
@@ -95,7 +95,7 @@ fn split_stratified(labels: &[String], frac: f64, rng: &mut Rng) -> (Vec<usize>,
 }
 
 /// The shots, tokenized once.
-enum Shots {
+pub(crate) enum Shots {
     Causal(Vec<Tokenized>),
     Classify {
         ids: Vec<Vec<i64>>,
@@ -105,17 +105,148 @@ enum Shots {
 }
 
 /// The trainable linear head of `--head linear`.
-struct Head {
-    _vs: nn::VarStore,
-    w: Tensor,
-    b: Tensor,
-    opt: nn::Optimizer,
+pub(crate) struct Head {
+    pub _vs: nn::VarStore,
+    pub w: Tensor,
+    pub b: Tensor,
+    pub opt: nn::Optimizer,
 }
 
-struct Trainer<'a> {
-    model: &'a Model,
-    shots: Shots,
-    head: Option<Head>,
+pub(crate) struct Trainer<'a> {
+    pub model: &'a Model,
+    pub shots: Shots,
+    pub head: Option<Head>,
+}
+
+/// Read and tokenize the examples of `task` from `path`.
+pub(crate) fn load_shots(
+    task: Task,
+    path: &std::path::Path,
+    tok: &mut Tok,
+    max_len: usize,
+) -> Result<Shots> {
+    match task {
+        Task::CausalLm => {
+            let ex = data::read_causal(path)?;
+            Ok(Shots::Causal(tokenize_causal(tok, &ex, max_len, path)?))
+        }
+        Task::Classify => {
+            tok.truncate_at(max_len)?;
+            let ex: Vec<LabelledText> = data::read_labelled(path)?;
+            let labels = label_set(&ex);
+            if labels.len() < 2 {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "one label ({}) only: classification needs at least two",
+                        labels[0]
+                    ),
+                ));
+            }
+            let ids = ex
+                .iter()
+                .map(|e| tok.encode(&e.text, true))
+                .collect::<Result<Vec<_>>>()?;
+            let y = ex
+                .iter()
+                .map(|e| labels.iter().position(|l| *l == e.label).unwrap_or(0) as i64)
+                .collect();
+            Ok(Shots::Classify { ids, y, labels })
+        }
+    }
+}
+
+impl Shots {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Shots::Causal(t) => t.len(),
+            Shots::Classify { ids, .. } => ids.len(),
+        }
+    }
+
+    pub(crate) fn labels(&self) -> Vec<String> {
+        match self {
+            Shots::Classify { labels, .. } => labels.clone(),
+            Shots::Causal(_) => Vec::new(),
+        }
+    }
+}
+
+/// A linear head started at PROTO_SCALE x the class prototypes of `train`
+/// (so it first classifies exactly as the prototypes do), with its own Adam.
+pub(crate) fn new_head(
+    trainer: &Trainer,
+    train: &[usize],
+    mix: &[Tensor],
+    batch: usize,
+    lr: f64,
+) -> Result<Head> {
+    let protos = {
+        let _ng = tch::no_grad_guard();
+        let emb = Tensor::cat(
+            &train
+                .chunks(batch)
+                .map(|c| trainer.embed(c, mix))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        class_means(&emb, &trainer.labels_of(train), trainer.n_classes()) * PROTO_SCALE
+    };
+    let hvs = nn::VarStore::new(trainer.model.device);
+    let w = hvs.root().var_copy("weight", &protos);
+    let b = hvs.root().zeros("bias", &[trainer.n_classes()]);
+    let opt = nn::Adam::default().build(&hvs, lr).map_err(tch_err)?;
+    Ok(Head {
+        _vs: hvs,
+        w,
+        b,
+        opt,
+    })
+}
+
+/// head.safetensors (weight [C, H], bias [C]) and labels.json.
+pub(crate) fn head_files(
+    labels: &[String],
+    hidden: usize,
+    hw: &[f32],
+    hb: &[f32],
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut t = BTreeMap::new();
+    t.insert(
+        "weight".to_string(),
+        st_out::OutTensor {
+            dtype: DType::F32,
+            shape: vec![labels.len(), hidden],
+            values: hw.into(),
+        },
+    );
+    t.insert(
+        "bias".to_string(),
+        st_out::OutTensor {
+            dtype: DType::F32,
+            shape: vec![labels.len()],
+            values: hb.into(),
+        },
+    );
+    let mut bytes = Vec::new();
+    st_out::write(
+        &mut bytes,
+        &t,
+        &BTreeMap::from([("format".to_string(), "pt".to_string())]),
+    )
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    let meta = json!({
+        "labels": labels,
+        "pooling": "mean over tokens, then L2 normalise",
+        "logits": "embedding @ weight.T + bias",
+    });
+    Ok(vec![
+        ("head.safetensors".into(), bytes),
+        (
+            "labels.json".into(),
+            (serde_json::to_string_pretty(&meta).unwrap_or_default() + "\n").into_bytes(),
+        ),
+    ])
 }
 
 /// The step kept so far: its score, number, logits and head.
@@ -123,13 +254,13 @@ type Best = (f64, usize, Tensor, Option<(Tensor, Tensor)>);
 
 /// One point of the loss curve.
 #[derive(Clone, serde::Serialize)]
-struct Point {
-    step: usize,
-    train_loss: f64,
+pub(crate) struct Point {
+    pub step: usize,
+    pub train_loss: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    val_loss: Option<f64>,
+    pub val_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    val_accuracy: Option<f64>,
+    pub val_accuracy: Option<f64>,
 }
 
 impl Trainer<'_> {
@@ -141,7 +272,7 @@ impl Trainer<'_> {
         pad(&seqs, self.model.device)
     }
 
-    fn labels_of(&self, idx: &[usize]) -> Tensor {
+    pub(crate) fn labels_of(&self, idx: &[usize]) -> Tensor {
         let Shots::Classify { y, .. } = &self.shots else {
             unreachable!("classification batches only")
         };
@@ -149,20 +280,20 @@ impl Trainer<'_> {
         Tensor::from_slice(&v).to_device(self.model.device)
     }
 
-    fn n_classes(&self) -> i64 {
+    pub(crate) fn n_classes(&self) -> i64 {
         match &self.shots {
             Shots::Classify { labels, .. } => labels.len() as i64,
             Shots::Causal(_) => 0,
         }
     }
 
-    fn embed(&self, idx: &[usize], mix: &[Tensor]) -> Tensor {
+    pub(crate) fn embed(&self, idx: &[usize], mix: &[Tensor]) -> Tensor {
         let (ids, mask) = self.batch_ids(idx);
         self.model.embed(&ids, &mask, mix)
     }
 
     /// Training loss on `idx` (differentiable).
-    fn train_loss(&self, idx: &[usize], mix: &[Tensor]) -> Tensor {
+    pub(crate) fn train_loss(&self, idx: &[usize], mix: &[Tensor]) -> Tensor {
         match &self.shots {
             Shots::Causal(toks) => {
                 let batch: Vec<&Tokenized> = idx.iter().map(|&i| &toks[i]).collect();
@@ -241,7 +372,7 @@ impl Trainer<'_> {
 
 /// Unit-length mean embedding per class [C, H] (zero for a class absent
 /// from `y`).
-fn class_means(emb: &Tensor, y: &Tensor, classes: i64) -> Tensor {
+pub(crate) fn class_means(emb: &Tensor, y: &Tensor, classes: i64) -> Tensor {
     let onehot = y.one_hot(classes).to_kind(emb.kind());
     let sums = onehot.tr().matmul(emb);
     let norm = sums.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
@@ -294,7 +425,7 @@ fn planned_groups(set: &AdapterSet, g: Grouping) -> Vec<String> {
     names
 }
 
-fn sha256_file(path: &std::path::Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &std::path::Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     Ok(lora_merge::output::sha256_hex(&bytes))
 }
@@ -345,37 +476,13 @@ pub fn run(args: &FitArgs) -> Result<()> {
     let model_max = dir.arch.max_positions();
     let max_len = args.max_length.unwrap_or(model_max).min(model_max);
     let mut rng = Rng(args.seed);
-    let (shots, count, (train, val)) = match task {
-        Task::CausalLm => {
-            let ex = data::read_causal(&args.shots)?;
-            let toks = tokenize_causal(&tok, &ex, max_len, &args.shots)?;
-            let split = split_plain(toks.len(), args.val_fraction, &mut rng);
-            (Shots::Causal(toks), ex.len(), split)
-        }
-        Task::Classify => {
-            tok.truncate_at(max_len)?;
-            let ex: Vec<LabelledText> = data::read_labelled(&args.shots)?;
-            let labels = label_set(&ex);
-            if labels.len() < 2 {
-                return Err(Error::invalid(
-                    &args.shots,
-                    format!(
-                        "one label ({}) only: classification needs at least two",
-                        labels[0]
-                    ),
-                ));
-            }
-            let names: Vec<String> = ex.iter().map(|e| e.label.clone()).collect();
-            let split = split_stratified(&names, args.val_fraction, &mut rng);
-            let ids = ex
-                .iter()
-                .map(|e| tok.encode(&e.text, true))
-                .collect::<Result<Vec<_>>>()?;
-            let y = ex
-                .iter()
-                .map(|e| labels.iter().position(|l| *l == e.label).unwrap_or(0) as i64)
-                .collect();
-            (Shots::Classify { ids, y, labels }, ex.len(), split)
+    let shots = load_shots(task, &args.shots, &mut tok, max_len)?;
+    let count = shots.len();
+    let (train, val) = match &shots {
+        Shots::Causal(t) => split_plain(t.len(), args.val_fraction, &mut rng),
+        Shots::Classify { y, labels, .. } => {
+            let names: Vec<String> = y.iter().map(|&i| labels[i as usize].clone()).collect();
+            split_stratified(&names, args.val_fraction, &mut rng)
         }
     };
 
@@ -492,29 +599,14 @@ pub fn run(args: &FitArgs) -> Result<()> {
             (!val.is_empty()).then(|| trainer.val_loss(&train, &val, &[], args.batch_size));
 
         if args.head == HeadArg::Linear {
-            let protos = {
-                let _ng = tch::no_grad_guard();
-                let emb = Tensor::cat(
-                    &train
-                        .chunks(args.batch_size)
-                        .map(|c| trainer.embed(c, &mix_of(&logits)))
-                        .collect::<Vec<_>>(),
-                    0,
-                );
-                class_means(&emb, &trainer.labels_of(&train), trainer.n_classes()) * PROTO_SCALE
-            };
-            let hvs = nn::VarStore::new(dev);
-            let w = hvs.root().var_copy("weight", &protos);
-            let b = hvs.root().zeros("bias", &[trainer.n_classes()]);
-            let hopt = nn::Adam::default()
-                .build(&hvs, args.head_lr)
-                .map_err(tch_err)?;
-            trainer.head = Some(Head {
-                _vs: hvs,
-                w,
-                b,
-                opt: hopt,
-            });
+            let head = new_head(
+                &trainer,
+                &train,
+                &mix_of(&logits),
+                args.batch_size,
+                args.head_lr,
+            )?;
+            trainer.head = Some(head);
         }
 
         let bar = progress(args.steps as u64 + 1, "fit");
@@ -646,40 +738,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
     );
     let mut files = vec![("weights.svg".to_string(), svg.into_bytes())];
     if let Some((hw, hb)) = &head {
-        let mut t = BTreeMap::new();
-        t.insert(
-            "weight".to_string(),
-            st_out::OutTensor {
-                dtype: DType::F32,
-                shape: vec![labels.len(), hidden],
-                values: hw.as_slice().into(),
-            },
-        );
-        t.insert(
-            "bias".to_string(),
-            st_out::OutTensor {
-                dtype: DType::F32,
-                shape: vec![labels.len()],
-                values: hb.as_slice().into(),
-            },
-        );
-        let mut bytes = Vec::new();
-        st_out::write(
-            &mut bytes,
-            &t,
-            &BTreeMap::from([("format".to_string(), "pt".to_string())]),
-        )
-        .map_err(|e| Error::Internal(e.to_string()))?;
-        files.push(("head.safetensors".into(), bytes));
-        let meta = json!({
-            "labels": labels,
-            "pooling": "mean over tokens, then L2 normalise",
-            "logits": "embedding @ weight.T + bias",
-        });
-        files.push((
-            "labels.json".into(),
-            (serde_json::to_string_pretty(&meta).unwrap_or_default() + "\n").into_bytes(),
-        ));
+        files.extend(head_files(&labels, hidden, hw, hb)?);
     }
     let fmt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     let card_section = format!(
@@ -825,7 +884,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
 
 /// The loss curve as a small table: every step up to 25, else 20 steps
 /// evenly spread plus the best one.
-fn curve_table(curve: &[Point], best: usize) -> String {
+pub(crate) fn curve_table(curve: &[Point], best: usize) -> String {
     let last = curve.len().saturating_sub(1);
     let mut steps: Vec<usize> = if curve.len() <= 25 {
         (0..curve.len()).collect()

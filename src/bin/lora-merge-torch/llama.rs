@@ -106,7 +106,10 @@ impl Llama {
         let linear = |bank: &mut LoraBank, name: &str, out: usize, inp: usize, bias: bool| {
             let w = ld.get(&format!("{name}.weight"), &[out, inp])?;
             let b = ld.bias(&format!("{name}.bias"), out, bias)?;
-            Ok::<_, lora_merge::Error>(Linear::new(w, b, bank.take(name, out, inp)?))
+            let t = bank.trainable(name, out, inp)?;
+            Ok::<_, lora_merge::Error>(
+                Linear::new(w, b, bank.take(name, out, inp)?).with_trainable(t),
+            )
         };
         let embed = ld.get("embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -267,7 +270,8 @@ fn linear_abs(
     inp: usize,
 ) -> Result<Linear> {
     let w = ld.get(&format!("{name}.weight"), &[out, inp])?;
-    Ok(Linear::new(w, None, bank.take(name, out, inp)?))
+    let t = bank.trainable(name, out, inp)?;
+    Ok(Linear::new(w, None, bank.take(name, out, inp)?).with_trainable(t))
 }
 
 #[cfg(test)]

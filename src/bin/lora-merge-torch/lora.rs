@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use lora_merge::adapter::{AdapterSet, ModuleKind};
 use lora_merge::{Error, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use crate::engine::from_ref;
 
@@ -48,21 +48,68 @@ pub struct Lora {
     pub group: usize,
 }
 
-/// A frozen linear layer, with composed adapters when any adapt it.
+/// A LoRA being trained (`lora-merge train`): y += scale * B (A x), with A
+/// and B variables of the run's VarStore.
+#[derive(Debug)]
+pub struct Trainable {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
+/// What `train` reads back out of the model: the module (model-side name)
+/// and its factors.
+pub struct Trained {
+    pub name: String,
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// How to add trainable LoRAs while a model is built.
+pub struct TrainSpec<'a> {
+    pub root: nn::Path<'a>,
+    /// PEFT-style: a module matches `t` when its name is `t` or ends in `.t`.
+    pub targets: Vec<String>,
+    pub rank: i64,
+    pub alpha: f64,
+}
+
+/// A frozen linear layer, with composed adapters when any adapt it, and a
+/// trainable LoRA when one is being trained on it.
 #[derive(Debug)]
 pub struct Linear {
     w: Tensor,
     b: Option<Tensor>,
     pub lora: Option<Lora>,
+    train: Option<Trainable>,
 }
 
 impl Linear {
     pub fn new(w: Tensor, b: Option<Tensor>, lora: Option<Lora>) -> Linear {
-        Linear { w, b, lora }
+        Linear {
+            w,
+            b,
+            lora,
+            train: None,
+        }
+    }
+
+    pub fn with_trainable(mut self, t: Option<Trainable>) -> Linear {
+        self.train = t;
+        self
+    }
+
+    pub fn forward(&self, x: &Tensor, mix: &[Tensor]) -> Tensor {
+        let y = self.forward_composed(x, mix);
+        match &self.train {
+            Some(t) => y + x.linear::<Tensor>(&t.a, None).linear::<Tensor>(&t.b, None) * t.scale,
+            None => y,
+        }
     }
 
     /// `mix[g]` is group g's weight per adapter ([N]).
-    pub fn forward(&self, x: &Tensor, mix: &[Tensor]) -> Tensor {
+    fn forward_composed(&self, x: &Tensor, mix: &[Tensor]) -> Tensor {
         match (&self.lora, mix.is_empty()) {
             (Some(l), false) => {
                 let w = mix[l.group].index_select(0, &l.slot) * &l.scale;
@@ -122,6 +169,8 @@ pub struct LoraBank<'a> {
     assigned: Vec<(String, usize)>,
     /// Names the model asked for, for error messages.
     asked: Vec<String>,
+    train: Option<TrainSpec<'a>>,
+    pub trained: Vec<Trained>,
     kind: Kind,
     device: Device,
 }
@@ -186,6 +235,8 @@ impl<'a> LoraBank<'a> {
             groups: Vec::new(),
             assigned: Vec::new(),
             asked: Vec::new(),
+            train: None,
+            trained: Vec::new(),
             kind,
             device,
         })
@@ -200,6 +251,52 @@ impl<'a> LoraBank<'a> {
                 self.groups.len() - 1
             }
         }
+    }
+
+    /// Add a trainable LoRA to every linear layer `spec.targets` match.
+    pub fn with_training(mut self, spec: TrainSpec<'a>) -> Self {
+        self.train = Some(spec);
+        self
+    }
+
+    /// A new trainable LoRA for the model's module `name` ([out, in]) when it
+    /// is a target: A uniform in +-1/sqrt(in) (PEFT's default), B zero, so
+    /// training starts from the base model.
+    pub fn trainable(
+        &mut self,
+        name: &str,
+        fan_out: usize,
+        fan_in: usize,
+    ) -> Result<Option<Trainable>> {
+        let Some(spec) = &self.train else {
+            return Ok(None);
+        };
+        let hit = spec
+            .targets
+            .iter()
+            .any(|t| name == t || name.ends_with(&format!(".{t}")));
+        if !hit {
+            return Ok(None);
+        }
+        let p = spec.root.sub(name.replace('.', "_"));
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let a = p.var(
+            "lora_A",
+            &[spec.rank, fan_in as i64],
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        );
+        let b = p.var("lora_B", &[fan_out as i64, spec.rank], nn::Init::Const(0.0));
+        let scale = spec.alpha / spec.rank as f64;
+        self.trained.push(Trained {
+            name: name.to_string(),
+            a: a.shallow_clone(),
+            b: b.shallow_clone(),
+            scale,
+        });
+        Ok(Some(Trainable { a, b, scale }))
     }
 
     /// The composed factors for the model's module `name` ([out, in]), if any
@@ -249,9 +346,22 @@ impl<'a> LoraBank<'a> {
         }))
     }
 
-    /// Every adapter module must have found its layer. Returns the group
-    /// names and, for each adapter module name, its group.
-    pub fn finish(self) -> Result<(Vec<String>, ModuleGroups)> {
+    /// Every adapter module must have found its layer, and a training run
+    /// must have made at least one trainable LoRA (`any_trained`: the caller
+    /// may have taken them out already). Returns the group names and, for
+    /// each adapter module name, its group.
+    pub fn finish_with(self, any_trained: bool) -> Result<(Vec<String>, ModuleGroups)> {
+        if let Some(spec) = &self.train {
+            if !any_trained {
+                let like: Vec<&str> = self.asked.iter().take(6).map(String::as_str).collect();
+                return Err(Error::Usage(format!(
+                    "--target-modules {} matches no linear layer of the base model (its layers \
+                     are named like {})",
+                    spec.targets.join(" "),
+                    like.join(", ")
+                )));
+            }
+        }
         if let Some((c, name)) = self.pending.into_iter().next() {
             let owner = self
                 .set

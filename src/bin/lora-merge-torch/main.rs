@@ -15,6 +15,7 @@ mod model;
 #[cfg(test)]
 mod parity;
 mod tokenize;
+mod train;
 
 use clap::Parser;
 use lora_merge::cli::{Cli, Command};
@@ -48,6 +49,7 @@ fn main() {
             let result = match &cli.command {
                 Command::Eval(a) => eval::run(a),
                 Command::Fit(a) => fit::run(a),
+                Command::Train(a) => train::run(a),
                 _ => Err(Error::Internal(
                     "lora-merge-torch only runs the commands that need libtorch".into(),
                 )),

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 use crate::bert::{self, Bert};
 use crate::engine::{catching, Loader};
 use crate::llama::Llama;
-use crate::lora::{Grouping, LoraBank};
+use crate::lora::{Grouping, LoraBank, TrainSpec, Trained};
 
 pub enum Net {
     Llama(Llama),
@@ -23,6 +23,11 @@ pub struct Model {
     pub module_groups: Vec<(String, usize)>,
     pub kind: Kind,
     pub device: Device,
+    /// The checkpoint's wrapper prefix (`model.`, `bert.` or empty): PEFT
+    /// names modules with it.
+    pub prefix: String,
+    /// LoRAs being trained (`train`), in model order.
+    pub trained: Vec<Trained>,
 }
 
 impl Model {
@@ -35,35 +40,63 @@ impl Model {
         kind: Kind,
         device: Device,
     ) -> Result<Model> {
+        Model::build(dir, set, grouping, None, kind, device)
+    }
+
+    /// The base model with a new trainable LoRA on every target module.
+    pub fn load_training(
+        dir: &ModelDir,
+        spec: TrainSpec,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Model> {
+        Model::build(dir, None, Grouping::Global, Some(spec), kind, device)
+    }
+
+    fn build(
+        dir: &ModelDir,
+        set: Option<&AdapterSet>,
+        grouping: Grouping,
+        spec: Option<TrainSpec>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Model> {
         catching(|| {
             let mut bank = LoraBank::new(set, grouping, kind, device)?;
+            if let Some(spec) = spec {
+                bank = bank.with_training(spec);
+            }
             let prefixed = |p: &str, probe: &str| dir.tensors.contains_key(&format!("{p}{probe}"));
             // Checkpoints name the backbone with or without a wrapper prefix.
             let (prefix, probe) = match &dir.arch {
                 Arch::Llama { .. } => ("model.", "embed_tokens.weight"),
                 Arch::Bert { .. } => ("bert.", "embeddings.word_embeddings.weight"),
             };
+            let prefix_used = if prefixed(prefix, probe) {
+                prefix.to_string()
+            } else {
+                String::new()
+            };
             let ld = Loader {
                 dir,
                 kind,
                 device,
-                prefix: if prefixed(prefix, probe) {
-                    prefix.into()
-                } else {
-                    String::new()
-                },
+                prefix: prefix_used.clone(),
             };
             let net = match &dir.arch {
                 Arch::Llama { config, .. } => Net::Llama(Llama::load(config, &ld, &mut bank)?),
                 Arch::Bert { config, .. } => Net::Bert(Bert::load(config, &ld, &mut bank)?),
             };
-            let (groups, module_groups) = bank.finish()?;
+            let trained = std::mem::take(&mut bank.trained);
+            let (groups, module_groups) = bank.finish_with(!trained.is_empty())?;
             Ok(Model {
                 net,
                 groups,
                 module_groups,
                 kind,
                 device,
+                prefix: prefix_used,
+                trained,
             })
         })
     }
