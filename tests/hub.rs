@@ -4,6 +4,8 @@
 //! huggingface_hub in both directions; the server checked against the real
 //! Python client; and every failure the issue lists.
 
+#![cfg(feature = "hub")]
+
 mod common;
 
 use std::collections::BTreeMap;
