@@ -396,7 +396,7 @@ def cmd_demo(args) -> None:
         f"accuracy on {test_n} held-out quotes (chance {100 / len(DOWNSTREAM):.1f}%):\n"
     )
     print(f"  base model (nearest class prototype)    {100 * r['base']:5.1f}%")
-    print(f"  uniform merge of {len(UPSTREAM)} upstream adapters   {100 * r['uniform']:5.1f}%")
+    print(f"  uniform merge of {len(UPSTREAM)} upstream adapters    {100 * r['uniform']:5.1f}%")
     print(f"  learned composition (lora-merge fit)    {100 * r['learned']:5.1f}%")
     print("\n  mean learned weight per upstream adapter: " + ", ".join(f"{a} {w:.3f}" for a, w in r["weights"].items()))
     print(f"\nmerged adapter (PEFT) written to {os.path.relpath(r['learned_dir'], Path.cwd())}  [{time.time() - t0:.0f} s]")
