@@ -287,6 +287,17 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// `lora-merge eval --base BASE --data DATA --json EXTRA...`: the loss.
+fn eval_loss(base: &Path, data: &Path, extra: &[&str]) -> f64 {
+    let mut a = vec!["eval", "--base", p(base), "--data", p(data), "--json"];
+    a.extend_from_slice(extra);
+    let o = run(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice::<Value>(&o.stdout).unwrap()["loss"]
+        .as_f64()
+        .unwrap()
+}
+
 /// The fixture adapters a0, a1 and a2 of a fixture model.
 fn fixture_adapters(base: &Path) -> Vec<PathBuf> {
     ["a0", "a1", "a2"]
@@ -557,15 +568,7 @@ fn fit_finds_the_adapter_trained_for_the_task_and_peft_reloads_it() {
 
     // The merged adapter on fresh examples of the task.
     let heldout = fit_dir.join("heldout.jsonl");
-    let eval = |extra: &[&str]| -> f64 {
-        let mut a = vec!["eval", "--base", p(&base), "--data", p(&heldout), "--json"];
-        a.extend_from_slice(extra);
-        let o = run(&a);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice::<Value>(&o.stdout).unwrap()["loss"]
-            .as_f64()
-            .unwrap()
-    };
+    let eval = |extra: &[&str]| eval_loss(&base, &heldout, extra);
     let learned = eval(&["--adapter", p(&out)]);
     let mut all = vec!["--adapters"];
     all.extend(adapters.iter().map(|a| p(a)));
@@ -645,15 +648,7 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
     assert_eq!(m["training"]["hyper_parameters"]["rank"], 4);
     assert!(run(&["verify", p(&out)]).status.success());
 
-    let eval = |extra: &[&str]| -> f64 {
-        let mut a = vec!["eval", "--base", p(&base), "--data", p(&data), "--json"];
-        a.extend_from_slice(extra);
-        let o = run(&a);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice::<Value>(&o.stdout).unwrap()["loss"]
-            .as_f64()
-            .unwrap()
-    };
+    let eval = |extra: &[&str]| eval_loss(&base, &data, extra);
     let trained = eval(&["--adapter", p(&out)]);
     let base_loss = eval(&[]);
     assert!(

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use lora_merge::adapter::AdapterSet;
-use lora_merge::cli::{EvalArgs, TaskArg};
+use lora_merge::cli::{EvalArgs, HeadArg, TaskArg};
 use lora_merge::commands::{adapter_refs_opt, print_json, progress};
 use lora_merge::compose::merge::Weights;
 use lora_merge::data::{self, LabelledText, Task};
@@ -152,6 +152,17 @@ struct ClassifyReport {
     task: &'static str,
     accuracy: f64,
     examples: usize,
+}
+
+/// Open `--base` and settle the task for `fit` and `train`, whose `--head`
+/// only means something when classifying.
+pub fn open_base(base: &str, task: Option<TaskArg>, head: HeadArg) -> Result<(ModelDir, Task)> {
+    let dir = ModelDir::open_ref(base)?;
+    let task = resolve_task(&dir, task)?;
+    if task == Task::CausalLm && head != HeadArg::Prototype {
+        return Err(Error::Usage("--head is for --task classify".into()));
+    }
+    Ok((dir, task))
 }
 
 /// The task asked for, or the one the architecture implies; a task the

@@ -17,14 +17,13 @@ use lora_merge::commands::uniform::{parse_method, write_merge, FitExtras, MergeR
 use lora_merge::commands::{adapter_refs, print_json, progress};
 use lora_merge::compose::merge::{self, Weights};
 use lora_merge::data::{self, LabelledText, Task};
-use lora_merge::model::ModelDir;
 use lora_merge::output::{atomic, heatmap, safetensors as st_out};
 use lora_merge::{Error, Result};
 use serde_json::json;
 use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
 
 use crate::engine::{catching, device, device_name, tch_err};
-use crate::eval::{causal_nll, label_set, resolve_task, tokenize_causal, Tokenized};
+use crate::eval::{causal_nll, label_set, open_base, tokenize_causal, Tokenized};
 use crate::lora::{canonical, group_key, Grouping};
 use crate::model::Model;
 use crate::tokenize::{pad, Tok};
@@ -448,11 +447,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
             "--lr and --head-lr must be positive numbers".into(),
         ));
     }
-    let dir = ModelDir::open_ref(&args.base)?;
-    let task = resolve_task(&dir, args.task)?;
-    if task == Task::CausalLm && args.head != HeadArg::Prototype {
-        return Err(Error::Usage("--head is for --task classify".into()));
-    }
+    let (dir, task) = open_base(&args.base, args.task, args.head)?;
     // A bad output is refused before the adapters are read.
     let given_paths: Vec<PathBuf> = refs.iter().map(PathBuf::from).collect();
     if !args.dry_run {

@@ -12,7 +12,7 @@ use lora_merge::commands::{print_json, progress};
 use lora_merge::compose::math::Factored;
 use lora_merge::compose::merge::MergedModule;
 use lora_merge::data::Task;
-use lora_merge::model::{Arch, ModelDir};
+use lora_merge::model::Arch;
 use lora_merge::output::atomic::{self, Staging};
 use lora_merge::output::manifest::{self, Manifest, ModuleRecord, Tool};
 use lora_merge::output::{peft, safetensors as st_out};
@@ -21,7 +21,7 @@ use serde_json::json;
 use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
 
 use crate::engine::{catching, device, device_name, tch_err};
-use crate::eval::resolve_task;
+use crate::eval::open_base;
 use crate::fit::{curve_table, head_files, load_shots, new_head, sha256_file, Point, Rng, Trainer};
 use crate::lora::TrainSpec;
 use crate::model::Model;
@@ -48,11 +48,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             "--lr and --alpha must be positive numbers".into(),
         ));
     }
-    let dir = ModelDir::open_ref(&args.base)?;
-    let task = resolve_task(&dir, args.task)?;
-    if task == Task::CausalLm && args.head != HeadArg::Prototype {
-        return Err(Error::Usage("--head is for --task classify".into()));
-    }
+    let (dir, task) = open_base(&args.base, args.task, args.head)?;
     atomic::preflight(&args.output, args.force, &[])?;
     let (hidden, model_max) = match &dir.arch {
         Arch::Llama { config, .. } => (config.hidden_size, config.max_position_embeddings),
