@@ -346,6 +346,17 @@ fn resolve_rev(repo: &Repo, rev: &str) -> Option<String> {
     repo.commits.contains_key(rev).then(|| rev.to_string())
 }
 
+/// The commit a revision names, or the Hub's 404 for an unknown revision.
+fn resolve_rev_or_404(repo: &Repo, rev: &str) -> Result<String, Response> {
+    resolve_rev(repo, rev).ok_or_else(|| {
+        Response::error(
+            404,
+            Some("RevisionNotFound"),
+            &format!("Invalid rev id: {rev}"),
+        )
+    })
+}
+
 /// Split `/api/models/o/n/...` (or `/o/n/...`) into the repo id and the rest.
 fn split_repo(rest: &str) -> Option<(String, String)> {
     let mut it = rest.splitn(3, '/');
@@ -498,12 +509,9 @@ fn create_repo(req: &Request, st: &mut State, base: &str, token: &str) -> Respon
 
 fn info(st: &State, id: &str, rev: &str, base: &str) -> Response {
     let repo = &st.repos[id];
-    let Some(sha) = resolve_rev(repo, rev) else {
-        return Response::error(
-            404,
-            Some("RevisionNotFound"),
-            &format!("Invalid rev id: {rev}"),
-        );
+    let sha = match resolve_rev_or_404(repo, rev) {
+        Ok(sha) => sha,
+        Err(not_found) => return not_found,
     };
     let tree = &repo.commits[&sha];
     let siblings: Vec<Value> = tree.keys().map(|k| json!({ "rfilename": k })).collect();
@@ -522,12 +530,9 @@ fn tree(st: &State, id: &str, arg: &str) -> Response {
     let repo = &st.repos[id];
     let (rev, prefix) = arg.split_once('/').unwrap_or((arg, ""));
     let rev = percent_decode(rev);
-    let Some(sha) = resolve_rev(repo, &rev) else {
-        return Response::error(
-            404,
-            Some("RevisionNotFound"),
-            &format!("Invalid rev id: {rev}"),
-        );
+    let sha = match resolve_rev_or_404(repo, &rev) {
+        Ok(sha) => sha,
+        Err(not_found) => return not_found,
     };
     let entries: Vec<Value> = repo.commits[&sha]
         .iter()
@@ -548,12 +553,9 @@ fn resolve(req: &Request, st: &State, id: &str, rev: &str, file: &str) -> Respon
     let Some(repo) = st.repos.get(id) else {
         return repo_not_found();
     };
-    let Some(sha) = resolve_rev(repo, rev) else {
-        return Response::error(
-            404,
-            Some("RevisionNotFound"),
-            &format!("Invalid rev id: {rev}"),
-        );
+    let sha = match resolve_rev_or_404(repo, rev) {
+        Ok(sha) => sha,
+        Err(not_found) => return not_found,
     };
     let Some(blob) = repo.commits[&sha].get(file) else {
         return Response::error(
@@ -626,12 +628,9 @@ fn is_lfs_path(path: &str, size: u64) -> bool {
 
 fn preupload(req: &Request, st: &State, id: &str, rev: &str) -> Response {
     let repo = &st.repos[id];
-    let Some(sha) = resolve_rev(repo, rev) else {
-        return Response::error(
-            404,
-            Some("RevisionNotFound"),
-            &format!("Invalid rev id: {rev}"),
-        );
+    let sha = match resolve_rev_or_404(repo, rev) {
+        Ok(sha) => sha,
+        Err(not_found) => return not_found,
     };
     let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
     let Some(files) = body["files"].as_array() else {
