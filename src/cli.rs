@@ -21,8 +21,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// manifest records each input's commit. HF_HUB_OFFLINE=1 reads the cache
 /// only. HF_ENDPOINT, HF_TOKEN and HF_TOKEN_PATH are honoured.
 ///
-/// Exit status: 0 success, 1 invalid or incompatible input (or `verify`
-/// found a difference, or the Hub refused), 2 I/O, network or internal error.
+/// Results go to stdout (reports, `--json`); progress, notes and errors to
+/// stderr.
+///
+/// Exit status, the same for every command: 0 success; 1 the request is at
+/// fault and the user can fix it (an unknown or bad flag, an invalid or
+/// incompatible input, a refused output directory, a training run that
+/// diverged, `verify` found a difference, the Hub refused); 2 the
+/// environment failed (I/O, network, or an internal error).
 #[derive(Debug, Parser)]
 #[command(name = "lora-merge", version, propagate_version = true)]
 #[command(
@@ -231,28 +237,26 @@ pub enum DTypeArg {
     Bf16,
 }
 
+/// Where a command writes its adapter directory; shared by every command
+/// that writes one.
 #[derive(Debug, Args)]
-pub struct UniformArgs {
-    #[command(flatten)]
-    pub inputs: AdapterInputs,
-
-    /// Output directory for the merged adapter, manifest and model card.
+pub struct OutputArgs {
+    /// Output directory: the adapter, merge_manifest.json and a model card
+    /// (README.md). It appears whole or not at all. It may not be, hold, or
+    /// lie inside any input (adapters, --adapters-file, --base, --shots,
+    /// --data), --force or not.
     #[arg(short = 'o', long = "output", value_name = "OUT")]
     pub output: PathBuf,
 
-    #[command(flatten)]
-    pub input_format: InputFormat,
+    /// Replace an existing non-empty output directory.
+    #[arg(long)]
+    pub force: bool,
+}
 
-    /// Layout of the merged adapter (default: the inputs' layout; inputs in
-    /// different layouts need it given).
-    #[arg(long, value_enum)]
-    pub output_format: Option<OutputFormatArg>,
-
-    /// One weight per adapter, in order (default: 1/N each). Weights are used
-    /// as given: they are not normalised, and may be negative.
-    #[arg(long, value_name = "W", num_args = 1.., allow_negative_numbers = true)]
-    pub weights: Vec<f64>,
-
+/// How a weighted sum of adapters becomes one adapter; the same options,
+/// with the same meaning, for `uniform` and `fit`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
     /// How the weighted sum becomes one adapter.
     #[arg(long, value_enum, default_value_t = MethodArg::Exact)]
     pub method: MethodArg,
@@ -278,10 +282,31 @@ pub struct UniformArgs {
     /// Merge adapters that name different base models.
     #[arg(long)]
     pub allow_base_mismatch: bool,
+}
 
-    /// Replace an existing non-empty output directory.
-    #[arg(long)]
-    pub force: bool,
+#[derive(Debug, Args)]
+pub struct UniformArgs {
+    #[command(flatten)]
+    pub inputs: AdapterInputs,
+
+    #[command(flatten)]
+    pub out: OutputArgs,
+
+    #[command(flatten)]
+    pub input_format: InputFormat,
+
+    /// Layout of the merged adapter (default: the inputs' layout; inputs in
+    /// different layouts need it given).
+    #[arg(long, value_enum)]
+    pub output_format: Option<OutputFormatArg>,
+
+    /// One weight per adapter, in order (default: 1/N each). Weights are used
+    /// as given: they are not normalised, and may be negative.
+    #[arg(long, value_name = "W", num_args = 1.., allow_negative_numbers = true)]
+    pub weights: Vec<f64>,
+
+    #[command(flatten)]
+    pub merge: MergeArgs,
 
     /// Print the merge report as JSON on stdout.
     #[arg(long)]
@@ -462,9 +487,8 @@ pub struct FitArgs {
     #[arg(long, value_name = "FILE")]
     pub shots: PathBuf,
 
-    /// Output directory for the merged adapter, manifest, card and heatmap.
-    #[arg(short = 'o', long = "output", value_name = "OUT")]
-    pub output: PathBuf,
+    #[command(flatten)]
+    pub out: OutputArgs,
 
     /// The task (default: causal-lm for decoders, classify for encoders).
     #[arg(long, value_enum)]
@@ -506,13 +530,9 @@ pub struct FitArgs {
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: DeviceArg,
 
-    /// How the learned weighted sum becomes one adapter (as for `uniform`).
-    #[arg(long, value_enum, default_value_t = MethodArg::Exact)]
-    pub method: MethodArg,
-
-    /// Output rank per module for --method svd.
-    #[arg(long, value_name = "N")]
-    pub rank: Option<usize>,
+    // How the learned weighted sum becomes one adapter, as for `uniform`.
+    #[command(flatten)]
+    pub merge: MergeArgs,
 
     /// classify: prototype (no new parameters) or linear head.
     #[arg(long, value_enum, default_value_t = HeadArg::Prototype)]
@@ -527,10 +547,6 @@ pub struct FitArgs {
     /// memory estimate) and exit.
     #[arg(long)]
     pub dry_run: bool,
-
-    /// Replace an existing non-empty output directory.
-    #[arg(long)]
-    pub force: bool,
 
     /// Print the final report as JSON on stdout.
     #[arg(long)]
@@ -547,9 +563,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
 
-    /// Output directory for the adapter, manifest and model card.
-    #[arg(short = 'o', long = "output", value_name = "OUT")]
-    pub output: PathBuf,
+    #[command(flatten)]
+    pub out: OutputArgs,
 
     /// The task (default: causal-lm for decoders, classify for encoders).
     #[arg(long, value_enum)]
@@ -600,10 +615,6 @@ pub struct TrainArgs {
     /// auto (CUDA when available, else CPU), cpu, cuda or cuda:N.
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: DeviceArg,
-
-    /// Replace an existing non-empty output directory.
-    #[arg(long)]
-    pub force: bool,
 
     /// Print the final report as JSON on stdout.
     #[arg(long)]

@@ -41,12 +41,26 @@ pub enum Error {
     #[error("{0}")]
     Network(String),
 
+    /// Training went wrong with the settings the user chose (a loss that
+    /// became NaN or infinite): what happened and what to try.
+    #[error("{0}")]
+    Diverged(String),
+
     /// A bug or an environment problem we cannot attribute to the input.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The exit statuses of the contract (see [`crate::exit`]).
+pub mod status {
+    pub const SUCCESS: i32 = 0;
+    /// The input or the command line is at fault.
+    pub const USER_ERROR: i32 = 1;
+    /// I/O, network or internal failure.
+    pub const FAILURE: i32 = 2;
+}
 
 impl Error {
     pub fn invalid(file: impl AsRef<Path>, msg: impl Into<String>) -> Self {
@@ -63,16 +77,18 @@ impl Error {
         }
     }
 
-    /// Exit code contract: 1 for bad or incompatible input (the user can fix
-    /// it, Hub refusals included), 2 for I/O, network and internal errors.
+    /// The exit-code contract ([`crate::exit`]): 1 when the user can fix
+    /// the request (bad or incompatible input, Hub refusals, diverged
+    /// training), 2 for I/O, network and internal errors.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Invalid { .. }
             | Error::Incompatible(_)
             | Error::Usage(_)
             | Error::Mismatch(_)
-            | Error::Hub(_) => 1,
-            Error::Io { .. } | Error::Network(_) | Error::Internal(_) => 2,
+            | Error::Hub(_)
+            | Error::Diverged(_) => status::USER_ERROR,
+            Error::Io { .. } | Error::Network(_) | Error::Internal(_) => status::FAILURE,
         }
     }
 }

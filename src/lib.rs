@@ -5,13 +5,21 @@
 //! [`output`] (where).
 
 pub mod adapter;
+pub mod checkpoint;
 pub mod cli;
 pub mod commands;
 pub mod compose;
 pub mod data;
 pub mod error;
+pub mod exit;
+pub mod hash;
 pub mod hub;
-pub mod model;
+pub mod layout;
 pub mod output;
+pub mod rng;
+pub mod settings;
+pub mod source;
+pub mod tensors;
+pub mod ui;
 
 pub use error::{Error, Result};

@@ -13,9 +13,9 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use super::safetensors::sha256_hex;
-use super::FileRecord;
 use crate::error::{Error, Result};
+use crate::hash::sha256_hex;
+use crate::tensors::FileRecord;
 
 /// `init_lora_weights` values whose training starts from a base model that
 /// was itself changed (a residual, or a quantised copy). Their adapter files

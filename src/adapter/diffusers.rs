@@ -17,10 +17,11 @@ use serde_json::{Map, Value};
 use super::config::PeftConfig;
 use super::format::DIFFUSERS_METADATA_KEY;
 use super::peft::pair_shape;
-use super::safetensors::SafetensorsFile;
 use super::sdnames::{self, Component};
-use super::{LoraModule, TensorRef};
+use super::LoraModule;
 use crate::error::{Error, Result};
+use crate::tensors::safetensors::SafetensorsFile;
+use crate::tensors::TensorRef;
 
 /// The per-component configs of `lora_adapter_metadata`, by component name.
 fn component_configs(file: &SafetensorsFile) -> Result<BTreeMap<&'static str, PeftConfig>> {
@@ -178,7 +179,7 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
 mod tests {
     use super::*;
     use crate::adapter::testutil::{write_safetensors_with_metadata, TestTensor};
-    use crate::adapter::DType;
+    use crate::tensors::DType;
 
     fn build(tensors: &[TestTensor], meta: Option<Value>) -> Result<BTreeMap<String, LoraModule>> {
         let dir = tempfile::tempdir().unwrap();

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use super::safetensors::SafetensorsFile;
 use crate::error::{Error, Result};
+use crate::tensors::safetensors::SafetensorsFile;
 
 /// An adapter file layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -12,10 +12,11 @@
 use std::collections::BTreeMap;
 
 use super::peft::pair_shape;
-use super::safetensors::SafetensorsFile;
 use super::sdnames;
-use super::{LoraModule, TensorRef};
+use super::LoraModule;
 use crate::error::{Error, Result};
+use crate::tensors::safetensors::SafetensorsFile;
+use crate::tensors::TensorRef;
 
 #[derive(Default)]
 struct Parts<'a> {
@@ -148,7 +149,8 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
 mod tests {
     use super::*;
     use crate::adapter::testutil::{write_safetensors, TestTensor};
-    use crate::adapter::{DType, ModuleKind};
+    use crate::adapter::ModuleKind;
+    use crate::tensors::DType;
 
     fn build(tensors: &[TestTensor]) -> Result<BTreeMap<String, LoraModule>> {
         let dir = tempfile::tempdir().unwrap();

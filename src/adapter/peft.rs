@@ -13,9 +13,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::config::PeftConfig;
-use super::safetensors::SafetensorsFile;
-use super::{LoraModule, ModuleKind, TensorRef};
+use super::{LoraModule, ModuleKind};
 use crate::error::{Error, Result};
+use crate::tensors::safetensors::SafetensorsFile;
+use crate::tensors::TensorRef;
 
 /// Prefix PEFT puts before every module path when saving.
 pub const KEY_PREFIX: &str = "base_model.model.";
@@ -266,7 +267,7 @@ pub(crate) fn pair_shape(
 mod tests {
     use super::*;
     use crate::adapter::testutil::{config_json, write_safetensors, TestTensor};
-    use crate::adapter::DType;
+    use crate::tensors::DType;
     use std::path::PathBuf;
 
     fn cfg(json: serde_json::Value) -> PeftConfig {

@@ -7,11 +7,12 @@ use serde::Serialize;
 
 use super::config::TargetModules;
 use super::format::{self, Format};
-use super::safetensors::SafetensorsFile;
-use super::source::{self, Resolved};
 use super::{diffusers, kohya, peft, sdnames};
-use super::{Adapter, DType, FileRecord, LoraModule, ModuleKind, PeftConfig};
+use super::{Adapter, LoraModule, ModuleKind, PeftConfig};
 use crate::error::{Error, Result};
+use crate::source::{self, Resolved};
+use crate::tensors::safetensors::SafetensorsFile;
+use crate::tensors::{DType, FileRecord};
 
 /// How many items an error message lists before it says "and N more".
 const LIST_LIMIT: usize = 5;
@@ -42,7 +43,7 @@ pub fn load_adapter_as(given: &str, format: Option<Format>) -> Result<Adapter> {
                         "{} is a PEFT adapter file but there is no {} beside it: PEFT adapters \
                          need it for rank, alpha and target modules",
                         resolved.weights().display(),
-                        source::CONFIG_FILE
+                        crate::layout::ADAPTER_CONFIG
                     ),
                 ));
             };
@@ -218,13 +219,13 @@ impl AdapterSet {
 
     /// The element type every input tensor shares, else f32: the default
     /// type of a merge's output.
-    pub fn common_dtype(&self) -> super::DType {
-        let mut all: Vec<super::DType> = self.adapters.iter().flat_map(|a| a.dtypes()).collect();
+    pub fn common_dtype(&self) -> DType {
+        let mut all: Vec<DType> = self.adapters.iter().flat_map(|a| a.dtypes()).collect();
         all.sort();
         all.dedup();
         match all.as_slice() {
             [one] => *one,
-            _ => super::DType::F32,
+            _ => DType::F32,
         }
     }
 
@@ -483,8 +484,8 @@ impl Adapter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapter::safetensors::sha256_hex;
     use crate::adapter::testutil::{config_json, write_peft_dir, LinearSpec};
+    use crate::hash::sha256_hex;
     use std::path::Path;
 
     fn dir_str(p: &Path) -> String {

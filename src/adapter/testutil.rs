@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use super::DType;
+use crate::tensors::DType;
 
 #[derive(Debug, Clone)]
 pub(crate) struct TestTensor {

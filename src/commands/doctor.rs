@@ -20,20 +20,20 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
         "threads": rayon::current_num_threads(),
     });
     if args.json {
-        return super::print_json(&report);
+        return crate::ui::print_json(&report);
     }
-    eprintln!("lora-merge {}", env!("CARGO_PKG_VERSION"));
+    crate::outln!("lora-merge {}", env!("CARGO_PKG_VERSION"));
     match &report["torch"] {
         serde_json::Value::Null => {
-            eprintln!("libtorch: not built in (built without the `torch` feature)")
+            crate::outln!("libtorch: not built in (built without the `torch` feature)")
         }
         t => {
-            eprintln!(
+            crate::outln!(
                 "libtorch: {} ({})",
                 t["version"].as_str().unwrap_or("?"),
                 t["lib_dir"].as_str().unwrap_or("?")
             );
-            eprintln!(
+            crate::outln!(
                 "CUDA: {} ({} devices)",
                 if t["cuda_available"].as_bool() == Some(true) {
                     "available"
@@ -44,19 +44,19 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
             );
         }
     }
-    eprintln!(
+    crate::outln!(
         "Hub cache: {}{}",
         hub::cache_dir().display(),
         if hub::offline() { " (offline)" } else { "" }
     );
-    eprintln!(
+    crate::outln!(
         "Hub token: {}",
         match &token.source {
             Some(src) => format!("configured (from {src})"),
             None => "not configured (set HF_TOKEN or run `hf auth login`)".into(),
         }
     );
-    eprintln!("threads: {}", rayon::current_num_threads());
+    crate::outln!("threads: {}", rayon::current_num_threads());
     Ok(())
 }
 

@@ -7,26 +7,26 @@ use crate::cli::InspectArgs;
 use crate::Result;
 
 pub fn run(args: &InspectArgs) -> Result<()> {
-    let refs = super::adapter_refs(&args.adapters, args.adapters_file.as_deref())?;
-    let set = AdapterSet::load_as(&refs, super::input_format(&args.input_format))?;
+    let refs = crate::settings::adapter_refs(&args.adapters, args.adapters_file.as_deref())?;
+    let set = AdapterSet::load_as(&refs, crate::settings::input_format(&args.input_format))?;
     let summaries: Vec<_> = set.adapters.iter().map(|a| a.summary()).collect();
     // inspect describes; it never refuses a set for not fitting together.
     let report = (set.adapters.len() > 1).then(|| set.report());
     if args.json {
-        return super::print_json(&json!({"adapters": summaries, "compatibility": report}));
+        return crate::ui::print_json(&json!({"adapters": summaries, "compatibility": report}));
     }
     for s in &summaries {
-        eprintln!("{}", s.given);
-        eprintln!("  layout      {}", s.format.name());
+        crate::outln!("{}", s.given);
+        crate::outln!("  layout      {}", s.format.name());
         for f in &s.files {
-            eprintln!(
+            crate::outln!(
                 "  file        {} ({}, sha256 {})",
                 f.path.display(),
-                super::human_bytes(f.size),
+                crate::ui::human_bytes(f.size),
                 f.sha256
             );
         }
-        eprintln!(
+        crate::outln!(
             "  base model  {}{}",
             s.base_model.as_deref().unwrap_or("(not set)"),
             s.revision
@@ -34,11 +34,11 @@ pub fn run(args: &InspectArgs) -> Result<()> {
                 .map(|r| format!(" @ {r}"))
                 .unwrap_or_default()
         );
-        eprintln!(
+        crate::outln!(
             "  task type   {}",
             s.task_type.as_deref().unwrap_or("(not set)")
         );
-        eprintln!(
+        crate::outln!(
             "  rank        {}{}",
             s.rank,
             if s.module_ranks.is_empty() {
@@ -50,7 +50,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
                 )
             }
         );
-        eprintln!(
+        crate::outln!(
             "  alpha       {}{}{}",
             s.alpha,
             if s.module_alphas.is_empty() {
@@ -67,7 +67,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
                 ""
             }
         );
-        eprintln!(
+        crate::outln!(
             "  targets     {}",
             s.target_modules
                 .as_ref()
@@ -75,7 +75,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
                 .unwrap_or_else(|| "(not set)".into())
         );
         let dtypes: Vec<&str> = s.dtypes.iter().map(|d| d.name()).collect();
-        eprintln!(
+        crate::outln!(
             "  modules     {} ({} parameters, {})",
             s.module_count,
             s.parameter_count,
@@ -83,32 +83,36 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         );
     }
     if let Some(r) = &report {
-        eprintln!("compatibility of {} adapters:", set.adapters.len());
-        eprintln!(
+        crate::outln!("compatibility of {} adapters:", set.adapters.len());
+        crate::outln!(
             "  modules     {} in all, {} in only some",
             r.modules.len(),
             r.partial_modules.len()
         );
         for (m, missing) in r.partial_modules.iter().take(10) {
             let names: Vec<&str> = missing.iter().map(|i| r.adapters[*i].as_str()).collect();
-            eprintln!("    {m}: missing from {}", names.join(", "));
+            crate::outln!("    {m}: missing from {}", names.join(", "));
         }
         if r.partial_modules.len() > 10 {
-            eprintln!(
+            crate::outln!(
                 "    ... and {} more (--json lists all)",
                 r.partial_modules.len() - 10
             );
         }
         for c in &r.shape_conflicts {
-            eprintln!(
+            crate::outln!(
                 "  CONFLICT    {}: {} has {}, {} has {}",
-                c.module, r.adapters[c.adapter_i], c.shape_i, r.adapters[c.adapter_j], c.shape_j
+                c.module,
+                r.adapters[c.adapter_i],
+                c.shape_i,
+                r.adapters[c.adapter_j],
+                c.shape_j
             );
         }
         if r.base_mismatch() {
-            eprintln!("  BASE MODELS DIFFER:");
+            crate::outln!("  BASE MODELS DIFFER:");
             for b in &r.base_models {
-                eprintln!(
+                crate::outln!(
                     "    {} (adapters {:?})",
                     b.name.as_deref().unwrap_or("(not set)"),
                     b.adapters
@@ -116,10 +120,10 @@ pub fn run(args: &InspectArgs) -> Result<()> {
             }
         }
         if r.fan_in_fan_out_disagree {
-            eprintln!("  fan_in_fan_out differs between adapters");
+            crate::outln!("  fan_in_fan_out differs between adapters");
         }
         let mergeable = r.shape_conflicts.is_empty() && !r.fan_in_fan_out_disagree;
-        eprintln!(
+        crate::outln!(
             "  verdict     {}",
             if mergeable {
                 "can be merged"

@@ -9,7 +9,7 @@ pub fn run(args: &PushArgs) -> Result<()> {
     // Refuse a bad repository id or a missing token before reading anything.
     hub::check_repo_id(&args.repo)?;
     // Only what the manifest vouches for is sent, and only if it still holds.
-    let outputs = super::verify::check(&args.dir)?;
+    let outputs = crate::output::verify::check(&args.dir)?;
     let mut files: Vec<String> = outputs.keys().cloned().collect();
     files.push(FILE_NAME.to_string());
     let pushed = hub::push(&PushRequest {
@@ -22,7 +22,7 @@ pub fn run(args: &PushArgs) -> Result<()> {
         message: &args.message,
     })?;
     if args.json {
-        super::print_json(&pushed)?;
+        crate::ui::print_json(&pushed)?;
     } else {
         eprintln!(
             "pushed {} files to {}@{} (commit {})",
@@ -31,7 +31,7 @@ pub fn run(args: &PushArgs) -> Result<()> {
             pushed.revision,
             pushed.commit
         );
-        println!("{}", pushed.url);
+        crate::outln!("{}", pushed.url);
     }
     Ok(())
 }

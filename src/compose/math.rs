@@ -550,27 +550,7 @@ fn truncate(
 mod tests {
     use super::*;
 
-    /// splitmix64: deterministic fixtures without a crate.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        /// Uniform in [-1, 1).
-        fn value(&mut self) -> f32 {
-            ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-
-        fn values(&mut self, len: usize) -> Vec<f32> {
-            (0..len).map(|_| self.value()).collect()
-        }
-    }
+    use crate::rng::Rng;
 
     /// One adapter's factors; `scale` is alpha / rank with alpha != rank.
     struct Adapter {
@@ -584,8 +564,8 @@ mod tests {
         Adapter {
             rank,
             scale: alpha / rank as f64,
-            a: rng.values(rank * n),
-            b: rng.values(m * rank),
+            a: rng.symmetric_vec(rank * n),
+            b: rng.symmetric_vec(m * rank),
         }
     }
 
@@ -989,8 +969,8 @@ mod tests {
     fn frob_norm_factored_matches_dense() {
         let (m, k, n) = (11, 5, 7);
         let mut rng = Rng(13);
-        let b = rng.values(m * k);
-        let a = rng.values(k * n);
+        let b = rng.symmetric_vec(m * k);
+        let a = rng.symmetric_vec(k * n);
         let t = Term {
             weight: 1.0,
             scale: 1.0,

@@ -240,25 +240,10 @@ pub enum Want {
     Model,
 }
 
-const ADAPTER_WEIGHTS: [&str; 2] = [
-    "adapter_model.safetensors",
-    "pytorch_lora_weights.safetensors",
-];
-const ADAPTER_CONFIG: &str = "adapter_config.json";
-const MODEL_INDEX: &str = "model.safetensors.index.json";
-const MODEL_WEIGHTS: &str = "model.safetensors";
-const MODEL_REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
-const MODEL_OPTIONAL: [&str; 3] = [
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-];
-
-fn is_pickle(name: &str) -> bool {
-    [".bin", ".pt", ".pth", ".pkl", ".ckpt"]
-        .iter()
-        .any(|e| name.ends_with(e))
-}
+use crate::layout::{
+    is_pickle, ADAPTER_CONFIG, ADAPTER_WEIGHTS_NAMES as ADAPTER_WEIGHTS, MODEL_INDEX,
+    MODEL_OPTIONAL, MODEL_REQUIRED, MODEL_WEIGHTS,
+};
 
 /// Why the files of a reference cannot be chosen.
 enum Choice {
@@ -509,6 +494,29 @@ fn list_files(dir: &Path) -> Vec<String> {
     out
 }
 
+/// Add the shards a model index names to the files to fetch, each once.
+/// Online, `listing` is the repository's: a shard missing from it is the
+/// repository's error, named with `at` and the folder `prefix`.
+fn add_shards(
+    files: &mut Vec<String>,
+    index: &Path,
+    listing: Option<&[String]>,
+    at: &str,
+    prefix: &str,
+) -> Result<()> {
+    for shard in crate::layout::index_shard_names(index)? {
+        if listing.is_some_and(|l| !l.contains(&shard)) {
+            return Err(Error::Hub(format!(
+                "{at}: {prefix}{shard}: named by {MODEL_INDEX} but not in the repository"
+            )));
+        }
+        if !files.contains(&shard) {
+            files.push(shard);
+        }
+    }
+    Ok(())
+}
+
 fn fetch_offline(r: &HubRef, want: Want) -> Result<Snapshot> {
     let revision = r.revision_or_main().to_string();
     let folder = cache_dir().join(repo_folder(&r.repo));
@@ -559,11 +567,7 @@ fn fetch_offline(r: &HubRef, want: Want) -> Result<Snapshot> {
         }
     };
     if files.iter().any(|f| f == MODEL_INDEX) {
-        for shard in crate::model::index_shard_names(&dir.join(MODEL_INDEX))? {
-            if !files.contains(&shard) {
-                files.push(shard);
-            }
-        }
+        add_shards(&mut files, &dir.join(MODEL_INDEX), None, "", "")?;
     }
     let mut found = Vec::new();
     for f in &files {
@@ -794,12 +798,12 @@ mod tests {
         let p = tmp.path().join(MODEL_INDEX);
         std::fs::write(&p, r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-1.safetensors"}}"#).unwrap();
         assert_eq!(
-            crate::model::index_shard_names(&p).unwrap(),
+            crate::layout::index_shard_names(&p).unwrap(),
             l(&["m-1.safetensors", "m-2.safetensors"])
         );
         std::fs::write(&p, r#"{"weight_map": {"a": "../evil.safetensors"}}"#).unwrap();
-        assert!(crate::model::index_shard_names(&p).is_err());
+        assert!(crate::layout::index_shard_names(&p).is_err());
         std::fs::write(&p, r#"{"weight_map": {"a": "pytorch_model.bin"}}"#).unwrap();
-        assert!(crate::model::index_shard_names(&p).is_err());
+        assert!(crate::layout::index_shard_names(&p).is_err());
     }
 }

@@ -8,7 +8,6 @@ use hf_hub::progress::{DownloadEvent, ProgressEvent, ProgressHandler, UploadEven
 use hf_hub::repository::CommitOperation;
 use hf_hub::{HFClientSync, HFError, HFRepositorySync, RepoTypeModel};
 use indicatif::{ProgressBar, ProgressStyle};
-use sha2::{Digest, Sha256};
 
 use super::*;
 
@@ -226,16 +225,7 @@ pub(super) fn fetch_online(r: &HubRef, want: Want) -> Result<Snapshot> {
             check_blob(&path, &r.repo, &revision, &in_repo)?;
         }
         if f == MODEL_INDEX {
-            for shard in crate::model::index_shard_names(&path)? {
-                if !listing.contains(&shard) {
-                    return Err(Error::Hub(format!(
-                        "{at}: {prefix}{shard}: named by {MODEL_INDEX} but not in the repository"
-                    )));
-                }
-                if !files.contains(&shard) {
-                    files.push(shard);
-                }
-            }
+            add_shards(&mut files, &path, Some(&listing), &at, &prefix)?;
         }
         fetched.push(path);
         i += 1;
@@ -321,21 +311,6 @@ pub(super) fn push(req: &PushRequest, token: String) -> Result<Pushed> {
     })
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// An LFS blob is named by the sha256 of its content. One that does not hash
 /// to its name (a cut-short transfer that a server did not report, a
 /// tampered cache) is removed along with its snapshot link, never used.
@@ -347,7 +322,7 @@ fn check_blob(link: &Path, repo: &str, revision: &str, file: &str) -> Result<()>
     if name.len() != 64 || !name.chars().all(|c| c.is_ascii_hexdigit()) {
         return Ok(()); // a git blob sha1: not a content hash we can check cheaply
     }
-    let got = sha256_file(&target)?;
+    let got = crate::hash::sha256_file(&target)?;
     if got != name.to_ascii_lowercase() {
         let _ = std::fs::remove_file(link);
         let _ = std::fs::remove_file(&target);

@@ -25,42 +25,6 @@ pub struct Staging {
     created_parent: Option<PathBuf>,
 }
 
-/// Check an output directory before any work is done: refuse a non-empty
-/// one without `force`, a file, and any directory that holds an input.
-pub fn preflight(target: &Path, force: bool, inputs: &[PathBuf]) -> Result<()> {
-    if let Ok(meta) = fs::symlink_metadata(target) {
-        if !meta.is_dir() {
-            return Err(Error::Usage(format!(
-                "output {} exists and is not a directory; choose another -o",
-                target.display()
-            )));
-        }
-        let canon = fs::canonicalize(target).map_err(|e| Error::io(target, e))?;
-        for input in inputs {
-            if let Ok(ci) = fs::canonicalize(input) {
-                if ci.starts_with(&canon) {
-                    return Err(Error::Usage(format!(
-                        "output {} holds the input {}; writing there would replace what is being read. Choose another -o",
-                        target.display(),
-                        input.display()
-                    )));
-                }
-            }
-        }
-        let non_empty = fs::read_dir(target)
-            .map_err(|e| Error::io(target, e))?
-            .next()
-            .is_some();
-        if non_empty && !force {
-            return Err(Error::Usage(format!(
-                "output {} exists and is not empty; pass --force to replace it",
-                target.display()
-            )));
-        }
-    }
-    Ok(())
-}
-
 impl Staging {
     pub fn new(target: &Path) -> Result<Staging> {
         let target = if target.is_absolute() {
@@ -132,11 +96,7 @@ impl Staging {
             .into_inner()
             .map_err(|e| Error::io(&path, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&path, e))?;
-        let sha256 = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let sha256 = crate::hash::hex(&hasher.finalize());
         Ok(WrittenFile { sha256, size })
     }
 

@@ -15,34 +15,58 @@ pub struct CardInput {
     pub weights_sha256: String,
 }
 
-pub struct Card<'a> {
-    pub base_model: Option<&'a str>,
-    pub method: &'a str,
-    pub method_note: &'a str,
-    pub inputs: Vec<CardInput>,
-    pub modules: usize,
-    /// The command as typed.
-    pub command: &'a str,
-    /// The command with every Hub input pinned to its commit: it reproduces
-    /// this merge whatever the branches do later.
-    pub reproduce: &'a str,
+/// A model card. The commands say what the adapter is (title, summary,
+/// inputs, their own section); the writer adds what only it knows (the
+/// command, its pinned form, the weights file and its hash).
+#[derive(Default)]
+pub struct Card {
+    /// `# ...` heading.
+    pub title: String,
+    /// The first paragraph: what this adapter is.
+    pub summary: String,
+    pub base_model: Option<String>,
     /// The inputs' license, when they all state the same one.
-    pub license: Option<&'a str>,
-    pub adapter_sha256: &'a str,
+    pub license: Option<String>,
     /// "peft", "kohya" or "diffusers".
-    pub format: &'a str,
-    /// The weights file's name.
-    pub weights_file: &'a str,
+    pub format: &'static str,
+    /// Tags after `lora`, the format and `lora-merge`.
+    pub tags: Vec<&'static str>,
+    /// The method, for merges.
+    pub method: Option<String>,
+    /// The merged inputs (none for a trained adapter).
+    pub inputs: Vec<CardInput>,
     /// Markdown added after the inputs (`fit`'s learned weights).
-    pub extra_section: Option<&'a str>,
+    pub extra_section: Option<String>,
+    /// The command as typed.
+    pub command: String,
+    /// The command with every Hub input pinned to its commit: it reproduces
+    /// this output whatever the branches do later.
+    pub reproduce: String,
+    /// The weights file's name and sha256.
+    pub weights_file: String,
+    pub adapter_sha256: String,
 }
 
+/// A string as YAML reads it back exactly: JSON strings are valid YAML
+/// double-quoted scalars, and escaping keeps a newline or a `---` in a
+/// name from ending the front matter.
 fn yaml_str(s: &str) -> String {
-    // JSON strings are valid YAML double-quoted scalars.
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-impl Card<'_> {
+/// Text inside a Markdown code span: one line, no backticks, no table bars.
+pub fn code_span(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '`' => '\'',
+            '|' => '\u{2502}',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect()
+}
+
+impl Card {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "---");
@@ -55,69 +79,66 @@ impl Card<'_> {
             }
             _ => {}
         }
-        if let Some(base) = self.base_model {
+        if let Some(base) = &self.base_model {
             let _ = writeln!(s, "base_model: {}", yaml_str(base));
         }
-        if let Some(license) = self.license {
+        if let Some(license) = &self.license {
             let _ = writeln!(s, "license: {}", yaml_str(license));
         }
-        let _ = writeln!(s, "tags:\n- lora\n- {}\n- lora-merge\n- merge", self.format);
+        let _ = writeln!(s, "tags:\n- lora\n- {}\n- lora-merge", self.format);
+        for t in &self.tags {
+            let _ = writeln!(s, "- {t}");
+        }
         let _ = writeln!(s, "---\n");
-        let _ = writeln!(s, "# Merged LoRA adapter\n");
-        let _ =
-            writeln!(
-            s,
-            "A merge of {} LoRA adapters{} made with lora-merge {} (method `{}`, {} modules). {}\n",
-            self.inputs.len(),
-            self.base_model.map(|b| format!(" for `{b}`")).unwrap_or_default(),
-            env!("CARGO_PKG_VERSION"),
-            self.method,
-            self.modules,
-            self.method_note
-        );
+        let _ = writeln!(s, "# {}\n", self.title);
+        let _ = writeln!(s, "{}\n", self.summary.trim_end());
         let _ = writeln!(s, "## Provenance\n");
-        let _ = writeln!(s, "Method: `{}`.\n", self.method);
-        let _ = writeln!(
-            s,
-            "| # | adapter | revision | weight | rank | alpha | rsLoRA | weights sha256 |"
-        );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
-        for (i, inp) in self.inputs.iter().enumerate() {
+        if let Some(method) = &self.method {
+            let _ = writeln!(s, "Method: `{method}`.\n");
+        }
+        if !self.inputs.is_empty() {
             let _ = writeln!(
                 s,
-                "| {} | `{}` | {} | {} | {} | {} | {} | `{}` |",
-                i,
-                inp.given.replace('|', "\\|"),
-                inp.commit
-                    .as_deref()
-                    .map(|c| format!("`{c}`"))
-                    .unwrap_or_else(|| "local".into()),
-                inp.weight,
-                inp.rank,
-                inp.alpha,
-                if inp.rslora { "yes" } else { "no" },
-                inp.weights_sha256
+                "| # | adapter | revision | weight | rank | alpha | rsLoRA | weights sha256 |"
             );
+            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+            for (i, inp) in self.inputs.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "| {} | `{}` | {} | {} | {} | {} | {} | `{}` |",
+                    i,
+                    code_span(&inp.given),
+                    inp.commit
+                        .as_deref()
+                        .map(|c| format!("`{c}`"))
+                        .unwrap_or_else(|| "local".into()),
+                    inp.weight,
+                    inp.rank,
+                    inp.alpha,
+                    if inp.rslora { "yes" } else { "no" },
+                    inp.weights_sha256
+                );
+            }
         }
-        if let Some(extra) = self.extra_section {
+        if let Some(extra) = &self.extra_section {
             let _ = writeln!(s, "\n{}", extra.trim_end());
         }
         let _ = writeln!(
             s,
-            "\nMerged weights: `{}` sha256 `{}`.",
+            "\nWeights: `{}` sha256 `{}`.",
             self.weights_file, self.adapter_sha256
         );
         let _ = writeln!(
             s,
-            "Full provenance (files, hashes, per-module error): `merge_manifest.json`.\n"
+            "Full provenance (files, hashes, settings, per-module error): `merge_manifest.json`.\n"
         );
         let _ = writeln!(s, "## Reproduce\n\n```sh\n{}\n```\n", self.reproduce);
         if self.reproduce != self.command {
             let _ = writeln!(
                 s,
                 "(As typed: `{}`; above, every Hub input is pinned to the commit that was \
-                 merged.)\n",
-                self.command.replace('`', "'")
+                 used.)\n",
+                code_span(&self.command)
             );
         }
         let _ = match self.format {
@@ -145,11 +166,13 @@ impl Card<'_> {
 mod tests {
     use super::*;
 
-    fn card<'a>(license: Option<&'a str>, command: &'a str, reproduce: &'a str) -> Card<'a> {
+    fn card(license: Option<&str>, command: &str, reproduce: &str) -> Card {
         Card {
-            base_model: Some("org/base"),
-            method: "exact",
-            method_note: "Exact.",
+            title: "Merged LoRA adapter".into(),
+            summary: "A merge.".into(),
+            base_model: Some("org/base".into()),
+            method: Some("exact".into()),
+            tags: vec!["merge"],
             inputs: vec![
                 CardInput {
                     given: "org/a".into(),
@@ -170,13 +193,12 @@ mod tests {
                     weights_sha256: "e".repeat(64),
                 },
             ],
-            modules: 3,
-            command,
-            reproduce,
-            license,
-            adapter_sha256: "0123",
+            command: command.into(),
+            reproduce: reproduce.into(),
+            license: license.map(str::to_string),
+            adapter_sha256: "0123".into(),
             format: "peft",
-            weights_file: "adapter_model.safetensors",
+            weights_file: "adapter_model.safetensors".into(),
             extra_section: None,
         }
     }
@@ -217,5 +239,16 @@ mod tests {
         let same = "lora-merge uniform --adapters ./b -o m";
         let s = card(None, same, same).render();
         assert!(!s.contains("license:") && !s.contains("As typed"), "{s}");
+    }
+
+    #[test]
+    fn names_cannot_break_out_of_front_matter_or_tables() {
+        let mut c = card(None, "lora-merge x", "lora-merge x");
+        c.base_model = Some("evil\n---\n# injected".into());
+        c.inputs[0].given = "a|b`c\nd".into();
+        let s = c.render();
+        assert!(s.contains("base_model: \"evil\\n---\\n# injected\""), "{s}");
+        assert!(!s.contains("\n# injected"), "{s}");
+        assert!(s.contains("| 0 | `a\u{2502}b'c d` |"), "{s}");
     }
 }

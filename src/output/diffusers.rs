@@ -8,10 +8,11 @@ use serde_json::{json, Map, Value};
 
 use super::safetensors::OutTensor;
 use crate::adapter::format::DIFFUSERS_METADATA_KEY;
-use crate::adapter::{sdnames, DType};
+use crate::adapter::sdnames;
 use crate::compose::merge::MergedModule;
+use crate::tensors::DType;
 
-pub use crate::adapter::source::DIFFUSERS_WEIGHTS_FILE as FILE_NAME;
+pub use crate::layout::DIFFUSERS_WEIGHTS as FILE_NAME;
 
 /// Dotted path with component of every module: the inputs' path when known,
 /// else rebuilt from the alignment key; plain PEFT names (never aligned)
@@ -194,7 +195,7 @@ mod tests {
             v["text_encoder_2.target_modules"],
             json!(["encoder.layers.0.mlp.fc2"])
         );
-        let keys: Vec<String> = tensors(&mods, crate::adapter::DType::F32)
+        let keys: Vec<String> = tensors(&mods, crate::tensors::DType::F32)
             .into_keys()
             .collect();
         assert!(keys.contains(

@@ -6,8 +6,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use super::safetensors::OutTensor;
-use crate::adapter::{sdnames, DType};
+use crate::adapter::sdnames;
 use crate::compose::merge::MergedModule;
+use crate::tensors::DType;
 
 pub const FILE_NAME: &str = "lora.safetensors";
 

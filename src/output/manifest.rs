@@ -2,37 +2,69 @@
 //! what was merged, how, and whether the files are still what was written.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::atomic::WrittenFile;
+use crate::adapter::config::PatternMap;
+use crate::adapter::{CompatReport, Format};
+use crate::checkpoint::ModelFile;
+use crate::compose::merge::Weights;
+use crate::source::{HubOrigin, Resolved};
+use crate::tensors::{DType, FileRecord};
 
 pub const FILE_NAME: &str = "merge_manifest.json";
 
-#[derive(Debug, Serialize, Deserialize)]
+/// The provenance record of an output directory. One typed section per
+/// kind of run: every output has `method`, `modules` and `outputs`; merges
+/// (`uniform`, `fit`) have `weights`, `inputs` and `compatibility`; `fit`
+/// adds `fit`, `train` adds `training`.
+#[derive(Debug, Serialize)]
 pub struct Manifest {
     pub tool: Tool,
     /// UTC, RFC 3339; from SOURCE_DATE_EPOCH when set. The only timestamp
     /// anywhere in the output.
     pub created: String,
     pub command_line: Vec<String>,
-    pub method: Value,
-    pub weights: Value,
-    pub inputs: Vec<Value>,
-    pub base_model: Value,
-    pub compatibility: Value,
+    pub method: MethodRecord,
+    /// The weight of every adapter (and of every module when they differ);
+    /// null for a trained adapter.
+    pub weights: Option<Weights>,
+    pub inputs: Vec<InputRecord>,
+    pub base_model: BaseModelRecord,
+    pub compatibility: Option<CompatReport>,
     pub modules: BTreeMap<String, ModuleRecord>,
-    pub timings: Value,
-    /// `fit` only: shots, split, hyper-parameters, seed, device, loss curve,
-    /// learned weights per group.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fit: Option<Value>,
-    /// `train` only: data, hyper-parameters, seed, device, loss curve.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub training: Option<Value>,
+    /// Seconds spent per phase (load_s, merge_s, train_s, write_s, total_s).
+    pub timings: BTreeMap<String, f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fit: Option<FitRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingRecord>,
     /// sha256 and size of every other file in the directory.
     pub outputs: BTreeMap<String, WrittenFile>,
+}
+
+impl Manifest {
+    /// A manifest for `method`; the writer fills in the tool, the time,
+    /// the command line and the outputs.
+    pub fn new(method: MethodRecord, base_model: BaseModelRecord) -> Manifest {
+        Manifest {
+            tool: Tool::this(),
+            created: String::new(),
+            command_line: Vec::new(),
+            method,
+            weights: None,
+            inputs: Vec::new(),
+            base_model,
+            compatibility: None,
+            modules: BTreeMap::new(),
+            timings: BTreeMap::new(),
+            fit: None,
+            training: None,
+            outputs: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,6 +82,54 @@ impl Tool {
     }
 }
 
+/// How the adapter's tensors were made.
+#[derive(Debug, Serialize)]
+pub struct MethodRecord {
+    /// `exact`, `svd`, `linear`, or `train`.
+    pub name: &'static str,
+    pub rank: Option<usize>,
+    pub conv_rank: Option<usize>,
+    pub output_format: Format,
+    pub dtype: DType,
+    /// Whether the written deltas may differ from the exact weighted sum.
+    pub approximate: bool,
+    pub svd_factor_split: Option<&'static str>,
+}
+
+/// One merged input: as given, as resolved, its files and its own scale.
+#[derive(Debug, Serialize)]
+pub struct InputRecord {
+    pub given: String,
+    pub format: Format,
+    pub resolved: Resolved,
+    pub files: Vec<FileRecord>,
+    pub rank: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub rank_pattern: PatternMap<usize>,
+    pub alpha_pattern: PatternMap<f64>,
+    pub base_model: Option<String>,
+    pub base_model_revision: Option<String>,
+    pub modules: usize,
+    pub weight: Option<f64>,
+}
+
+/// The base model: the name the adapters give (merges), or the model that
+/// was loaded (`fit`, `train`).
+#[derive(Debug, Default, Serialize)]
+pub struct BaseModelRecord {
+    pub name: Option<String>,
+    pub revision: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubOrigin>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<ModelFile>>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ModuleRecord {
     pub rank: usize,
@@ -59,6 +139,120 @@ pub struct ModuleRecord {
     pub energy: f64,
     /// Indices into `inputs` of the adapters that adapt this module.
     pub adapters: Vec<usize>,
+}
+
+/// One point of a loss curve.
+#[derive(Debug, Clone, Serialize)]
+pub struct LossPoint {
+    pub step: usize,
+    pub train_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+}
+
+/// A labelled-examples file as it was read.
+#[derive(Debug, Serialize)]
+pub struct DataRecord {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub count: usize,
+    /// `fit`: 0-based positions of the training examples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train: Option<Vec<usize>>,
+    /// `fit`: 0-based positions of the held-out examples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Vec<usize>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub indices: Option<&'static str>,
+}
+
+/// A held-out loss (and accuracy, when classifying).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Score {
+    pub loss: Option<f64>,
+    pub accuracy: Option<f64>,
+}
+
+/// Held-out scores of the base model, step 0 (the uniform merge) and the
+/// kept step.
+#[derive(Debug, Serialize)]
+pub struct Validation {
+    pub base: Option<Score>,
+    pub uniform: Score,
+    pub learned: Score,
+}
+
+/// The learned weights of one group (module, layer or the whole model).
+#[derive(Debug, Serialize)]
+pub struct GroupWeights {
+    pub group: String,
+    pub weights: Vec<f64>,
+}
+
+/// `fit`'s settings.
+#[derive(Debug, Serialize)]
+pub struct FitHyperParameters {
+    pub steps: usize,
+    pub lr: f64,
+    pub head_lr: f64,
+    pub batch_size: usize,
+    pub val_fraction: f64,
+    pub granularity: String,
+    pub head: Option<String>,
+    pub prototype_scale: Option<f64>,
+    pub max_length: usize,
+    pub optimizer: &'static str,
+    pub softmax: &'static str,
+}
+
+/// What `fit` did: shots, split, settings, seed, device, loss curve, kept
+/// step, held-out scores and the learned weights of every group.
+#[derive(Debug, Serialize)]
+pub struct FitRecord {
+    pub task: &'static str,
+    pub shots: DataRecord,
+    pub hyper_parameters: FitHyperParameters,
+    pub seed: u64,
+    pub device: String,
+    pub threads: i32,
+    pub base_model: BaseModelRecord,
+    pub loss_curve: Vec<LossPoint>,
+    pub best_step: usize,
+    pub validation: Validation,
+    pub groups: Vec<GroupWeights>,
+    pub train_seconds: f64,
+}
+
+/// `train`'s settings.
+#[derive(Debug, Serialize)]
+pub struct TrainHyperParameters {
+    pub rank: usize,
+    pub alpha: f64,
+    pub target_modules: Vec<String>,
+    pub steps: usize,
+    pub lr: f64,
+    pub head_lr: f64,
+    pub batch_size: usize,
+    pub max_length: usize,
+    pub head: Option<String>,
+    pub init: &'static str,
+    pub optimizer: &'static str,
+}
+
+/// What `train` did: data, settings, seed, device, loss curve.
+#[derive(Debug, Serialize)]
+pub struct TrainingRecord {
+    pub task: &'static str,
+    pub data: DataRecord,
+    pub hyper_parameters: TrainHyperParameters,
+    pub seed: u64,
+    pub device: String,
+    pub threads: i32,
+    pub trainable_parameters: usize,
+    pub loss_curve: Vec<LossPoint>,
+    pub train_seconds: f64,
 }
 
 /// Only what `verify` needs, so that it can read manifests of later versions.

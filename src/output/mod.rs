@@ -3,14 +3,16 @@
 
 pub mod atomic;
 pub mod card;
+pub mod describe;
 pub mod diffusers;
+pub mod guard;
 pub mod heatmap;
 pub mod kohya;
 pub mod manifest;
 pub mod peft;
 pub mod safetensors;
-
-use sha2::{Digest, Sha256};
+pub mod verify;
+pub mod writer;
 
 use crate::adapter::ModuleKind;
 use crate::compose::merge::MergedModule;
@@ -30,13 +32,4 @@ pub fn factor_shapes(m: &MergedModule) -> (Vec<usize>, Vec<usize>) {
         }
         ModuleKind::Linear | ModuleKind::Embedding => (vec![r, m.fan_in], vec![m.fan_out, r]),
     }
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    let mut s = String::with_capacity(64);
-    for b in digest {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
 }

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use serde_json::{json, Map, Value};
 
 use super::safetensors::OutTensor;
-use crate::adapter::{sdnames, DType, ModuleKind};
+use crate::adapter::{sdnames, ModuleKind};
 use crate::compose::merge::MergedModule;
+use crate::tensors::DType;
 
 const PREFIX: &str = "base_model.model.";
 

@@ -8,7 +8,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::adapter::DType;
+use crate::tensors::DType;
 
 /// A tensor to be written: f32 values, encoded as `dtype` only while they
 /// are written, so the output never exists twice in memory.

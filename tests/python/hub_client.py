@@ -1,7 +1,7 @@
 """The real huggingface_hub client against the test Hub (HF_ENDPOINT), and
 against the cache lora-merge filled.
 
-Run by tests/hub.rs with HF_ENDPOINT, HF_HOME and HF_HUB_CACHE set:
+Run by tests/integration/hub.rs with HF_ENDPOINT, HF_HOME and HF_HUB_CACHE set:
 
   hub_client.py --token T --upload-dir DIR --our-cache C --our-dir D
                 --our-repo R --our-commit SHA --py-cache P

@@ -3,22 +3,18 @@
 //! else starts without loading libtorch's ~500 MB of libraries. All tch code
 //! lives under this binary, never in the library. Not meant to be run by
 //! hand.
+//!
+//! - `engine/`: base models in libtorch with adapters composed in.
+//! - `training/`: examples, splits, losses, heads, the one step loop.
+//! - `commands/`: eval, fit, train, bench, thin.
 
-mod bench;
-mod bert;
+mod commands;
 mod engine;
-mod eval;
-mod fit;
-mod llama;
-mod lora;
-mod model;
 #[cfg(test)]
 mod parity;
-mod tokenize;
-mod train;
+mod training;
 
-use clap::Parser;
-use lora_merge::cli::{Cli, Command};
+use lora_merge::cli::Command;
 use lora_merge::Error;
 use serde_json::json;
 
@@ -39,25 +35,22 @@ fn main() {
         Some("info") => println!("{}", info()),
         Some("bench") => {
             let rest: Vec<String> = args.filter_map(|a| a.into_string().ok()).collect();
-            if let Err(e) = bench::run(&rest) {
+            if let Err(e) = commands::bench::run(&rest) {
                 eprintln!("lora-merge-torch bench: error: {e}");
                 std::process::exit(e.exit_code());
             }
         }
         Some("cli") => {
-            let cli = Cli::parse_from(std::iter::once("lora-merge".into()).chain(args));
-            let result = match &cli.command {
-                Command::Eval(a) => eval::run(a),
-                Command::Fit(a) => fit::run(a),
-                Command::Train(a) => train::run(a),
-                _ => Err(Error::Internal(
-                    "lora-merge-torch only runs the commands that need libtorch".into(),
-                )),
-            };
-            if let Err(e) = result {
-                eprintln!("lora-merge: error: {e}");
-                std::process::exit(e.exit_code());
-            }
+            lora_merge::exit::main(std::iter::once("lora-merge".into()).chain(args), |cli| {
+                match &cli.command {
+                    Command::Eval(a) => commands::eval::run(a),
+                    Command::Fit(a) => commands::fit::run(a),
+                    Command::Train(a) => commands::train::run(a),
+                    _ => Err(Error::Internal(
+                        "lora-merge-torch only runs the commands that need libtorch".into(),
+                    )),
+                }
+            })
         }
         _ => {
             eprintln!("lora-merge-torch is run by lora-merge; use `lora-merge --help`");

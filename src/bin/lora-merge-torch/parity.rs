@@ -17,15 +17,17 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use lora_merge::adapter::AdapterSet;
+use lora_merge::checkpoint::ModelDir;
 use lora_merge::data;
-use lora_merge::model::ModelDir;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::eval::{causal_nll, embed_texts, prototypes, tokenize_causal, Tokenized};
-use crate::lora::Grouping;
-use crate::model::Model;
-use crate::tokenize::Tok;
+use crate::engine::lora::Grouping;
+use crate::engine::tokenize::Tok;
+use crate::engine::Model;
+use crate::training::data::tokenize_causal;
+use crate::training::losses::{causal_nll, class_means, embed_texts};
+use crate::training::Tokenized;
 
 const TOL: f64 = 1e-4;
 const WEIGHTS: [f64; 3] = [0.5, -0.25, 1.5];
@@ -241,7 +243,12 @@ fn classify_eval_matches_reference_scores() {
         let t: Vec<&str> = test.iter().map(|x| x.text.as_str()).collect();
         let se = embed_texts(&model, &tok, &s, 4, &mix, &bar).unwrap();
         let te = embed_texts(&model, &tok, &t, 4, &mix, &bar).unwrap();
-        let scores = te.matmul(&prototypes(&se, &support, &labels).tr());
+        let sy: Vec<i64> = support
+            .iter()
+            .map(|x| labels.iter().position(|l| *l == x.label).unwrap() as i64)
+            .collect();
+        let protos = class_means(&se, &Tensor::from_slice(&sy), labels.len() as i64);
+        let scores = te.matmul(&protos.tr());
         let want = get(&refs, &format!("classify_scores_{key}"));
         let e = (&scores - want).abs().max().double_value(&[]);
         assert!(e < 1e-5, "{key}: cosine scores differ by {e}");

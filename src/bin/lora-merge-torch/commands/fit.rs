@@ -1,0 +1,493 @@
+//! `lora-merge fit`: learn composition weights on a few labelled examples,
+//! then merge them exactly as `uniform` does (one materializer, one writer,
+//! one manifest format).
+//!
+//! Per group g (module, layer or whole model) the weights are
+//! softmax(v_g) over the N adapters, with v_g = 0 at step 0, so step 0 is
+//! the uniform merge. A true softmax: the authors' code detaches its
+//! denominator, which gives wrong gradients.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use lora_merge::adapter::{AdapterSet, Format};
+use lora_merge::cli::{FitArgs, GranularityArg, HeadArg};
+use lora_merge::compose::merge::{self, Weights};
+use lora_merge::data::Task;
+use lora_merge::output::describe::{self, Merge};
+use lora_merge::output::guard::Input;
+use lora_merge::output::manifest::{
+    BaseModelRecord, DataRecord, FitHyperParameters, FitRecord, GroupWeights, LossPoint, Score,
+    Validation,
+};
+use lora_merge::output::{heatmap, writer};
+use lora_merge::rng::Rng;
+use lora_merge::settings::{self, MergeSettings, OutputSettings};
+use lora_merge::ui::{human_bytes, print_json, progress};
+use lora_merge::{Error, Result};
+use serde_json::json;
+use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
+
+use crate::engine::lora::{canonical, group_key, Grouping};
+use crate::engine::tokenize::Tok;
+use crate::engine::{catching, device, device_name, tch_err, to_f32, Model};
+use crate::training::heads::{head_files, new_head};
+use crate::training::steps::{self, curve_table, Objective, Plan};
+use crate::training::{check_rate, load_shots, open_base, split, Shots, Trainer, PROTO_SCALE};
+
+fn granularity(g: GranularityArg) -> Grouping {
+    match g {
+        GranularityArg::Module => Grouping::Module,
+        GranularityArg::Layer => Grouping::Layer,
+        GranularityArg::Global => Grouping::Global,
+    }
+}
+
+/// Group names as the model will make them, from the adapters' module names
+/// alone (for --dry-run, before anything is loaded).
+fn planned_groups(set: &AdapterSet, g: Grouping) -> Vec<String> {
+    let mut names: Vec<String> = set
+        .adapters
+        .iter()
+        .flat_map(|a| a.modules.keys())
+        .map(|m| group_key(g, canonical(m)))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The composition logits, the head, and the step kept.
+struct Composition<'a> {
+    trainer: Trainer<'a>,
+    logits: Tensor,
+    opt: nn::Optimizer,
+    train: &'a [usize],
+    val: &'a [usize],
+    batch: usize,
+    kept: Option<(Tensor, Option<(Tensor, Tensor)>)>,
+}
+
+impl Composition<'_> {
+    fn mix(&self) -> Vec<Tensor> {
+        let w = self.logits.softmax(-1, Kind::Float);
+        (0..w.size()[0]).map(|i| w.get(i)).collect()
+    }
+}
+
+impl Objective for Composition<'_> {
+    fn loss(&mut self, batch: &[usize]) -> Tensor {
+        self.trainer.train_loss(batch, &self.mix())
+    }
+    fn held_out(&mut self) -> Option<(f64, Option<f64>)> {
+        (!self.val.is_empty()).then(|| {
+            self.trainer
+                .val_loss(self.train, self.val, &self.mix(), self.batch)
+        })
+    }
+    fn keep(&mut self, _step: usize) {
+        let head = self.trainer.head.as_ref().map(|h| (h.w.copy(), h.b.copy()));
+        self.kept = Some((self.logits.copy(), head));
+    }
+    fn step(&mut self, loss: &Tensor) {
+        self.trainer.apply(loss, &mut self.opt);
+    }
+}
+
+pub fn run(args: &FitArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let out = OutputSettings::from_args(&args.out);
+    let merge_settings = MergeSettings::from_args(&args.merge)?;
+    if args.steps == 0 && !args.dry_run {
+        return Err(Error::Usage("--steps must be at least 1".into()));
+    }
+    if args.max_length == Some(0) {
+        return Err(Error::Usage("--max-length must be at least 1".into()));
+    }
+    if args.batch_size == 0 {
+        return Err(Error::Usage("--batch-size must be at least 1".into()));
+    }
+    if !(0.0..1.0).contains(&args.val_fraction) {
+        return Err(Error::Usage("--val-fraction must be in [0, 1)".into()));
+    }
+    check_rate("--lr", args.lr)?;
+    check_rate("--head-lr", args.head_lr)?;
+    let file = args.inputs.adapters_file.as_deref();
+    // A bad output is refused before anything large is read.
+    let mut inputs = settings::given_inputs(&args.inputs.adapters, file);
+    inputs.push(Input::at("base model", &args.base));
+    inputs.push(Input::at("shots file", &args.shots));
+    if !args.dry_run {
+        out.check(&inputs)?;
+    }
+    let refs = settings::adapter_refs(&args.inputs.adapters, file)?;
+    let (dir, task) = open_base(&args.base, args.task, args.head)?;
+    let set = AdapterSet::load(&refs)?;
+    if !args.dry_run {
+        let mut resolved = settings::given_inputs(&refs, file);
+        resolved.extend(settings::adapter_inputs(&set));
+        resolved.push(Input::at("base model", &dir.dir));
+        resolved.push(Input::at("shots file", &args.shots));
+        out.check(&resolved)?;
+    }
+    let report = set.check(merge_settings.strict, merge_settings.allow_base_mismatch)?;
+    let n = set.adapters.len();
+    let grouping = granularity(args.granularity);
+
+    // Shots, split, tokens.
+    let mut tok = Tok::load(&dir.tokenizer)?;
+    let model_max = dir.arch.max_positions();
+    let max_len = args.max_length.unwrap_or(model_max).min(model_max);
+    let mut rng = Rng(args.seed);
+    let shots = load_shots(task, &args.shots, &mut tok, max_len)?;
+    let count = shots.len();
+    let (train, val) = match &shots {
+        Shots::Causal(t) => split::plain(t.len(), args.val_fraction, &mut rng),
+        Shots::Classify { y, labels, .. } => {
+            let names: Vec<String> = y.iter().map(|&i| labels[i as usize].clone()).collect();
+            split::stratified(&names, args.val_fraction, &mut rng)
+        }
+    };
+
+    let groups_planned = planned_groups(&set, grouping);
+    let classes = shots.labels().len();
+    let hidden = dir.arch.hidden_size();
+    let head_params = if args.head == HeadArg::Linear {
+        classes * hidden + classes
+    } else {
+        0
+    };
+    let trainable = groups_planned.len() * n + head_params;
+    if args.dry_run {
+        let factor_bytes: usize = set.adapters.iter().map(|a| a.parameter_count() * 4).sum();
+        let model_bytes = dir.parameter_count() * 4;
+        let layers = dir.arch.num_layers();
+        // Activations kept for backward: roughly 24 hidden-sized tensors
+        // per layer and token (attention, MLP, norms, LoRA branches).
+        let act_bytes =
+            args.batch_size.min(train.len()) * shots.longest() * hidden * layers * 24 * 4;
+        let plan = json!({
+            "base": {"path": dir.dir, "architecture": dir.arch.name(), "parameters": dir.parameter_count()},
+            "task": task.name(),
+            "adapters": set.adapters.iter().map(|a| json!({"given": a.given, "modules": a.modules.len(), "rank": a.config.r})).collect::<Vec<_>>(),
+            "modules": report.modules.len(),
+            "granularity": format!("{:?}", grouping).to_lowercase(),
+            "groups": groups_planned.len(),
+            "trainable_parameters": trainable,
+            "shots": {"count": count, "train": train.len(), "validation": val.len()},
+            "memory_estimate_bytes": model_bytes + factor_bytes + act_bytes,
+            "memory_estimate": {"model": model_bytes, "adapter_factors": factor_bytes, "activations": act_bytes},
+        });
+        if args.json {
+            print_json(&plan)?;
+        } else {
+            lora_merge::outln!(
+                "plan: fit {} adapters into {} ({})\n  task {}, {} shots: {} train, {} held out\n  \
+                 {} adapted modules, {} weight groups ({:?}), {} trainable parameters\n  \
+                 memory: about {} (model {}, adapter factors {}, activations {})",
+                n,
+                dir.dir.display(),
+                dir.arch.name(),
+                task.name(),
+                count,
+                train.len(),
+                val.len(),
+                report.modules.len(),
+                groups_planned.len(),
+                grouping,
+                trainable,
+                human_bytes((model_bytes + factor_bytes + act_bytes) as u64),
+                human_bytes(model_bytes as u64),
+                human_bytes(factor_bytes as u64),
+                human_bytes(act_bytes as u64)
+            );
+        }
+        return Ok(());
+    }
+    if train.is_empty() {
+        return Err(Error::invalid(
+            &args.shots,
+            "no training shots left after the split",
+        ));
+    }
+    if val.is_empty() {
+        eprintln!(
+            "note: no held-out shots (too few for --val-fraction {}); the last step is kept",
+            args.val_fraction
+        );
+    }
+
+    let dev = device(args.device)?;
+    tch::manual_seed(args.seed as i64);
+    let model = Model::load(&dir, Some(&set), grouping, Kind::Float, dev)?;
+    let g = model.groups.len();
+    eprintln!(
+        "fit: {n} adapters, {} modules in {g} weight groups, on {} ({} train / {} held-out shots)",
+        model.module_groups.len(),
+        device_name(dev),
+        train.len(),
+        val.len()
+    );
+    let labels = shots.labels();
+    let t_train = Instant::now();
+    let (outcome, base_val, group_weights, head) = catching(|| {
+        let vs = nn::VarStore::new(dev);
+        let logits = vs.root().zeros("logits", &[g as i64, n as i64]);
+        let opt = nn::Adam::default().build(&vs, args.lr).map_err(tch_err)?;
+        let mut c = Composition {
+            trainer: Trainer {
+                model: &model,
+                shots,
+                head: None,
+            },
+            logits,
+            opt,
+            train: &train,
+            val: &val,
+            batch: args.batch_size,
+            kept: None,
+        };
+        // The base model, no adapters, before any head exists: with a linear
+        // head this is the prototype classifier over base embeddings (the
+        // head's start).
+        let base_val =
+            (!val.is_empty()).then(|| c.trainer.val_loss(&train, &val, &[], args.batch_size));
+        if args.head == HeadArg::Linear {
+            let head = new_head(&c.trainer, &train, &c.mix(), args.batch_size, args.head_lr)?;
+            c.trainer.head = Some(head);
+        }
+        let plan = Plan {
+            steps: args.steps,
+            batch_size: args.batch_size,
+            train: &train,
+            lr: ("--lr", args.lr),
+            label: "fit",
+        };
+        let outcome = steps::run(&plan, &mut rng, &mut c)?;
+        let (best_logits, best_head) = c
+            .kept
+            .take()
+            .ok_or_else(|| Error::Internal("no step was kept".into()))?;
+        let w = best_logits
+            .softmax(-1, Kind::Double)
+            .to_device(tch::Device::Cpu);
+        let weights: Vec<Vec<f64>> = (0..g as i64)
+            .map(|i| Vec::<f64>::try_from(w.get(i)).map_err(tch_err))
+            .collect::<Result<_>>()?;
+        let head = match best_head {
+            Some((hw, hb)) => Some((to_f32(&hw)?, to_f32(&hb)?)),
+            None => None,
+        };
+        Ok((outcome, base_val, weights, head))
+    })?;
+    let train_s = t_train.elapsed().as_secs_f64();
+    let (curve, best_step) = (outcome.curve, outcome.best_step);
+
+    // The learned weights, as the merge takes them.
+    let mean: Vec<f64> = (0..n)
+        .map(|i| group_weights.iter().map(|w| w[i]).sum::<f64>() / g as f64)
+        .collect();
+    let weights = Weights {
+        global: mean.clone(),
+        per_module: if grouping == Grouping::Global {
+            BTreeMap::new()
+        } else {
+            model
+                .module_groups
+                .iter()
+                .map(|(m, gi)| (m.clone(), group_weights[*gi].clone()))
+                .collect()
+        },
+    };
+    let group_names = model.groups.clone();
+    drop(model);
+
+    let bar = progress(report.modules.len() as u64, "merging");
+    let t_merge = Instant::now();
+    let method = merge_settings.method;
+    let modules = merge::merge(&set, &weights, method, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+    let merge_s = t_merge.elapsed().as_secs_f64();
+
+    let uniform = &curve[0];
+    let learned = &curve[best_step];
+    let score = |p: &LossPoint| Score {
+        loss: p.val_loss,
+        accuracy: p.val_accuracy,
+    };
+    let validation = Validation {
+        base: base_val.map(|b| Score {
+            loss: Some(b.0),
+            accuracy: b.1,
+        }),
+        uniform: score(uniform),
+        learned: score(learned),
+    };
+    let adapter_names: Vec<String> = set.adapters.iter().map(|a| a.given.clone()).collect();
+    let mut contents = describe::merge_contents(&Merge {
+        set: &set,
+        report: &report,
+        weights: &weights,
+        method,
+        modules: &modules,
+        format: Format::Peft,
+        dtype: merge_settings.dtype_for(&set),
+    })?;
+    let svg = heatmap::weights_svg(
+        &format!("lora-merge fit: learned weights ({g} groups x {n} adapters)"),
+        &group_names,
+        &adapter_names,
+        &group_weights,
+    );
+    contents
+        .files
+        .push(("weights.svg".to_string(), svg.into_bytes()));
+    if let Some((hw, hb)) = &head {
+        contents.files.extend(head_files(&labels, hidden, hw, hb)?);
+    }
+    let fmt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+    contents.card.extra_section = Some(format!(
+        "## Learned composition\n\n\
+         Weights learned by `lora-merge fit` on {count} shots ({} for training, {} held out; task \
+         {}) over {} steps, {} weight groups ({} granularity). Held-out loss: base model {}, \
+         uniform merge {}, learned {} (step {best_step}).\n\n\
+         ![learned weights per group and adapter](weights.svg)\n\n\
+         | adapter | mean weight | min | max |\n|---|---|---|---|\n{}",
+        train.len(),
+        val.len(),
+        task.name(),
+        args.steps,
+        g,
+        format!("{grouping:?}").to_lowercase(),
+        fmt(base_val.map(|b| b.0)),
+        fmt(uniform.val_loss),
+        fmt(learned.val_loss),
+        adapter_names
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let col = group_weights.iter().map(|w| w[i]);
+                let min = col.clone().fold(f64::INFINITY, f64::min);
+                let max = col.fold(f64::NEG_INFINITY, f64::max);
+                format!(
+                    "| `{}` | {:.4} | {:.4} | {:.4} |\n",
+                    lora_merge::output::card::code_span(a),
+                    mean[i],
+                    min,
+                    max
+                )
+            })
+            .collect::<String>()
+    ));
+    contents.pins.extend(
+        dir.hub
+            .iter()
+            .map(|h| (args.base.clone(), h.pinned.clone())),
+    );
+    contents.manifest.fit = Some(FitRecord {
+        task: task.name(),
+        shots: DataRecord {
+            path: args.shots.clone(),
+            sha256: lora_merge::hash::sha256_file(&args.shots)?,
+            count,
+            train: Some(train.clone()),
+            validation: Some(val.clone()),
+            indices: Some("0-based positions among the file's examples (non-blank lines)"),
+        },
+        hyper_parameters: FitHyperParameters {
+            steps: args.steps,
+            lr: args.lr,
+            head_lr: args.head_lr,
+            batch_size: args.batch_size,
+            val_fraction: args.val_fraction,
+            granularity: format!("{grouping:?}").to_lowercase(),
+            head: (task == Task::Classify).then(|| format!("{:?}", args.head).to_lowercase()),
+            prototype_scale: (task == Task::Classify).then_some(PROTO_SCALE),
+            max_length: max_len,
+            optimizer: "adam",
+            softmax: "true (not detached)",
+        },
+        seed: args.seed,
+        device: device_name(dev),
+        threads: tch::get_num_threads(),
+        base_model: BaseModelRecord {
+            path: Some(dir.dir.clone()),
+            hub: dir.hub.clone(),
+            architecture: Some(dir.arch.name().to_string()),
+            files: Some(dir.files.clone()),
+            ..BaseModelRecord::default()
+        },
+        loss_curve: curve.clone(),
+        best_step,
+        validation,
+        groups: group_names
+            .iter()
+            .zip(&group_weights)
+            .map(|(name, w)| GroupWeights {
+                group: name.clone(),
+                weights: w.clone(),
+            })
+            .collect(),
+        train_seconds: train_s,
+    });
+    contents.manifest.timings = [
+        ("train_s", train_s),
+        ("merge_s", merge_s),
+        ("total_s", t0.elapsed().as_secs_f64()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let validation = contents.manifest.fit.as_ref().map(|f| {
+        json!({
+            "base": f.validation.base,
+            "uniform": f.validation.uniform,
+            "learned": f.validation.learned,
+        })
+    });
+    let written = writer::write(&out.dir, contents)?;
+
+    if args.json {
+        print_json(&json!({
+            "output": written.dir,
+            "task": task.name(),
+            "device": device_name(dev),
+            "adapters": adapter_names,
+            "groups": g,
+            "steps": args.steps,
+            "best_step": best_step,
+            "loss_curve": curve,
+            "validation": validation,
+            "weights_mean": mean,
+            "train_seconds": train_s,
+        }))?;
+    } else {
+        let acc = |a: Option<f64>| a.map(|a| format!(", accuracy {a:.4}")).unwrap_or_default();
+        eprintln!("{}", curve_table(&curve, best_step));
+        if let Some((l, a)) = base_val {
+            eprintln!("held-out loss: base {l:.4}{}", acc(a));
+        }
+        eprintln!(
+            "held-out loss: uniform {}{}  ->  learned {}{} (step {best_step} of {}; train loss {:.4} -> {:.4})",
+            fmt(uniform.val_loss),
+            acc(uniform.val_accuracy),
+            fmt(learned.val_loss),
+            acc(learned.val_accuracy),
+            args.steps,
+            uniform.train_loss,
+            learned.train_loss
+        );
+        let shown: Vec<String> = adapter_names
+            .iter()
+            .zip(&mean)
+            .map(|(a, w)| format!("{a}: {w:.3}"))
+            .collect();
+        eprintln!("mean learned weights: {}", shown.join(", "));
+        eprintln!(
+            "wrote {} (merged adapter, merge_manifest.json, README.md, weights.svg) in {:.1} s",
+            written.dir.display(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! `lora-merge train`: an ordinary LoRA, trained on labelled examples with
+//! the same model engine, losses, step loop and writer as `fit`. It is the
+//! baseline the paper compares composition with ("LoRA from scratch"), and
+//! how upstream adapters are made.
+
+use std::time::Instant;
+
+use lora_merge::adapter::{Format, ModuleKind};
+use lora_merge::cli::{HeadArg, TrainArgs};
+use lora_merge::compose::math::Factored;
+use lora_merge::compose::merge::MergedModule;
+use lora_merge::data::Task;
+use lora_merge::output::card::{code_span, Card};
+use lora_merge::output::guard::Input;
+use lora_merge::output::manifest::{
+    BaseModelRecord, DataRecord, Manifest, MethodRecord, ModuleRecord, TrainHyperParameters,
+    TrainingRecord,
+};
+use lora_merge::output::{peft, writer};
+use lora_merge::rng::Rng;
+use lora_merge::settings::OutputSettings;
+use lora_merge::tensors::DType;
+use lora_merge::ui::print_json;
+use lora_merge::{Error, Result};
+use serde_json::json;
+use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
+
+use crate::engine::lora::TrainSpec;
+use crate::engine::tokenize::Tok;
+use crate::engine::{catching, device, device_name, tch_err, to_f32, Model};
+use crate::training::heads::{head_files, new_head};
+use crate::training::steps::{self, curve_table, Objective, Plan};
+use crate::training::{check_rate, load_shots, open_base, Trainer};
+
+/// The LoRA factors (in the model's variable store) and the head.
+struct NewLora<'a> {
+    trainer: Trainer<'a>,
+    opt: nn::Optimizer,
+}
+
+impl Objective for NewLora<'_> {
+    fn loss(&mut self, batch: &[usize]) -> Tensor {
+        self.trainer.train_loss(batch, &[])
+    }
+    fn held_out(&mut self) -> Option<(f64, Option<f64>)> {
+        None
+    }
+    // Nothing is held out: the last step's parameters are the result.
+    fn keep(&mut self, _step: usize) {}
+    fn step(&mut self, loss: &Tensor) {
+        self.trainer.apply(loss, &mut self.opt);
+    }
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let out = OutputSettings::from_args(&args.out);
+    if args.rank == 0 || args.steps == 0 || args.batch_size == 0 {
+        return Err(Error::Usage(
+            "--rank, --steps and --batch-size must be at least 1".into(),
+        ));
+    }
+    if args.max_length == Some(0) {
+        return Err(Error::Usage("--max-length must be at least 1".into()));
+    }
+    check_rate("--lr", args.lr)?;
+    check_rate("--head-lr", args.head_lr)?;
+    if !(args.alpha.is_finite() && args.alpha > 0.0) {
+        return Err(Error::Usage("--alpha must be a positive number".into()));
+    }
+    out.check(&[
+        Input::at("base model", &args.base),
+        Input::at("data file", &args.data),
+    ])?;
+    let (dir, task) = open_base(&args.base, args.task, args.head)?;
+    out.check(&[
+        Input::at("base model", &dir.dir),
+        Input::at("data file", &args.data),
+    ])?;
+    let hidden = dir.arch.hidden_size();
+    let model_max = dir.arch.max_positions();
+    let targets: Vec<String> = if !args.target_modules.is_empty() {
+        args.target_modules.clone()
+    } else if dir.arch.is_causal() {
+        vec!["q_proj".into(), "v_proj".into()]
+    } else {
+        vec!["query".into(), "value".into()]
+    };
+    let max_len = args.max_length.unwrap_or(model_max).min(model_max);
+    let mut tok = Tok::load(&dir.tokenizer)?;
+    let shots = load_shots(task, &args.data, &mut tok, max_len)?;
+    let count = shots.len();
+    let labels = shots.labels();
+
+    let dev = device(args.device)?;
+    tch::manual_seed(args.seed as i64);
+    let vs = nn::VarStore::new(dev);
+    let spec = TrainSpec {
+        root: vs.root(),
+        targets: targets.clone(),
+        rank: args.rank as i64,
+        alpha: args.alpha,
+    };
+    let model = Model::load_training(&dir, spec, Kind::Float, dev)?;
+    let params: usize = model
+        .trained
+        .iter()
+        .map(|t| t.a.numel() + t.b.numel())
+        .sum();
+    eprintln!(
+        "train: LoRA r={} alpha={} on {} layers ({} parameters) of {} on {}, {} examples",
+        args.rank,
+        args.alpha,
+        model.trained.len(),
+        params,
+        dir.arch.name(),
+        device_name(dev),
+        count
+    );
+    let t_train = Instant::now();
+    let all: Vec<usize> = (0..count).collect();
+    let (curve, head) = catching(|| {
+        let opt = nn::Adam::default().build(&vs, args.lr).map_err(tch_err)?;
+        let mut lora = NewLora {
+            trainer: Trainer {
+                model: &model,
+                shots,
+                head: None,
+            },
+            opt,
+        };
+        if args.head == HeadArg::Linear {
+            // B = 0: the model is the base model here.
+            lora.trainer.head = Some(new_head(
+                &lora.trainer,
+                &all,
+                &[],
+                args.batch_size,
+                args.head_lr,
+            )?);
+        }
+        let plan = Plan {
+            steps: args.steps,
+            batch_size: args.batch_size,
+            train: &all,
+            lr: ("--lr", args.lr),
+            label: "train",
+        };
+        let outcome = steps::run(&plan, &mut Rng(args.seed), &mut lora)?;
+        let head = match &lora.trainer.head {
+            Some(h) => Some((to_f32(&h.w)?, to_f32(&h.b)?)),
+            None => None,
+        };
+        Ok((outcome.curve, head))
+    })?;
+    let train_s = t_train.elapsed().as_secs_f64();
+
+    // The factors as PEFT names them (the checkpoint's wrapper prefix), with
+    // the scale folded into B so that the written adapter has scale 1.
+    let modules: Vec<MergedModule> = model
+        .trained
+        .iter()
+        .map(|t| {
+            let name = if t.name == "lm_head" {
+                t.name.clone()
+            } else {
+                format!("{}{}", model.prefix, t.name)
+            };
+            let (r, fin) = (t.a.size()[0] as usize, t.a.size()[1] as usize);
+            let fout = t.b.size()[0] as usize;
+            Ok(MergedModule {
+                name,
+                path: None,
+                sgm_name: None,
+                kind: ModuleKind::Linear,
+                fan_out: fout,
+                fan_in: fin,
+                sources: Vec::new(),
+                factored: Factored {
+                    rank: r,
+                    a: to_f32(&t.a)?,
+                    b: to_f32(&(&t.b * t.scale))?,
+                    rel_error: 0.0,
+                    energy: 1.0,
+                },
+            })
+        })
+        .collect::<Result<_>>()?;
+    drop(model);
+
+    let first = curve.first().map_or(f64::NAN, |p| p.train_loss);
+    let last = curve.last().map_or(f64::NAN, |p| p.train_loss);
+    let mut manifest = Manifest::new(
+        MethodRecord {
+            name: "train",
+            rank: Some(args.rank),
+            conv_rank: None,
+            output_format: Format::Peft,
+            dtype: DType::F32,
+            approximate: false,
+            svd_factor_split: None,
+        },
+        BaseModelRecord {
+            name: Some(args.base.clone()),
+            revision: dir.hub.as_ref().map(|h| h.commit.clone()),
+            path: Some(dir.dir.clone()),
+            hub: dir.hub.clone(),
+            architecture: Some(dir.arch.name().to_string()),
+            files: Some(dir.files.clone()),
+        },
+    );
+    manifest.modules = modules
+        .iter()
+        .map(|m| {
+            (
+                m.name.clone(),
+                ModuleRecord {
+                    rank: m.factored.rank,
+                    rel_error: 0.0,
+                    energy: 1.0,
+                    adapters: Vec::new(),
+                },
+            )
+        })
+        .collect();
+    manifest.training = Some(TrainingRecord {
+        task: task.name(),
+        data: DataRecord {
+            path: args.data.clone(),
+            sha256: lora_merge::hash::sha256_file(&args.data)?,
+            count,
+            train: None,
+            validation: None,
+            indices: None,
+        },
+        hyper_parameters: TrainHyperParameters {
+            rank: args.rank,
+            alpha: args.alpha,
+            target_modules: targets.clone(),
+            steps: args.steps,
+            lr: args.lr,
+            head_lr: args.head_lr,
+            batch_size: args.batch_size,
+            max_length: max_len,
+            head: (task == Task::Classify).then(|| format!("{:?}", args.head).to_lowercase()),
+            init: "A uniform in +-1/sqrt(in), B zero",
+            optimizer: "adam",
+        },
+        seed: args.seed,
+        device: device_name(dev),
+        threads: tch::get_num_threads(),
+        trainable_parameters: params,
+        loss_curve: curve.clone(),
+        train_seconds: train_s,
+    });
+    manifest.timings = [
+        ("train_s", train_s),
+        ("total_s", t0.elapsed().as_secs_f64()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let card = Card {
+        title: "LoRA adapter".into(),
+        summary: format!(
+            "A LoRA (rank {}, alpha {}, on {}) trained with lora-merge {} on {count} examples \
+             (task {}) for {} steps: training loss {first:.4} -> {last:.4}. Written with scale 1 \
+             (`lora_alpha` = rank; the trained alpha/r is folded into `lora_B`).",
+            args.rank,
+            args.alpha,
+            code_span(&targets.join(", ")),
+            env!("CARGO_PKG_VERSION"),
+            task.name(),
+            args.steps,
+        ),
+        base_model: Some(args.base.clone()),
+        format: "peft",
+        ..Card::default()
+    };
+    let mut files = Vec::new();
+    if let Some((hw, hb)) = &head {
+        files.extend(head_files(&labels, hidden, hw, hb)?);
+    }
+    let written = writer::write(
+        &out.dir,
+        writer::Contents {
+            modules: &modules,
+            format: Format::Peft,
+            dtype: DType::F32,
+            config: peft::ConfigFacts {
+                base_model: Some(args.base.clone()),
+                revision: None,
+                task_type: Some(
+                    match task {
+                        Task::CausalLm => "CAUSAL_LM",
+                        Task::Classify => "FEATURE_EXTRACTION",
+                    }
+                    .into(),
+                ),
+                fan_in_fan_out: false,
+                shared_target_modules: Some(json!(targets)),
+            },
+            kohya: None,
+            card,
+            pins: dir
+                .hub
+                .iter()
+                .map(|h| (args.base.clone(), h.pinned.clone()))
+                .collect(),
+            manifest,
+            files,
+        },
+    )?;
+
+    if args.json {
+        print_json(&json!({
+            "output": written.dir,
+            "task": task.name(),
+            "device": device_name(dev),
+            "modules": modules.len(),
+            "trainable_parameters": params,
+            "loss_curve": curve,
+            "train_seconds": train_s,
+        }))?;
+    } else {
+        eprintln!("{}", curve_table(&curve, curve.len().saturating_sub(1)));
+        eprintln!(
+            "training loss {first:.4} -> {last:.4}; wrote {} (PEFT adapter, merge_manifest.json, README.md) in {:.1} s",
+            written.dir.display(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

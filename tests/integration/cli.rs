@@ -1,0 +1,749 @@
+//! End-to-end tests of the binary: real files in, real files out.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::{json, Value};
+
+use crate::common;
+
+use common::run;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+use lora_merge::rng::Rng;
+
+/// A module of a test adapter: name, rank, fan_out, fan_in, A and B values.
+struct Module {
+    name: String,
+    rank: usize,
+    fan_out: usize,
+    fan_in: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+fn module(rng: &mut Rng, name: &str, rank: usize, fan_out: usize, fan_in: usize) -> Module {
+    Module {
+        name: name.into(),
+        rank,
+        fan_out,
+        fan_in,
+        a: rng.symmetric_vec(rank * fan_in),
+        b: rng.symmetric_vec(fan_out * rank),
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Serialize tensors by hand, so malformed variants can be derived from it.
+fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut off = 0;
+    let mut data = Vec::new();
+    for (name, shape, bytes) in tensors {
+        header.insert(
+            name.clone(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + bytes.len()]}),
+        );
+        off += bytes.len();
+        data.extend_from_slice(bytes);
+    }
+    raw_file(&serde_json::to_string(&header).unwrap(), &data)
+}
+
+fn raw_file(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+fn lora_tensors(modules: &[Module]) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+    let mut t = Vec::new();
+    for m in modules {
+        let p = format!("base_model.model.{}", m.name);
+        t.push((
+            format!("{p}.lora_A.weight"),
+            vec![m.rank, m.fan_in],
+            f32_bytes(&m.a),
+        ));
+        t.push((
+            format!("{p}.lora_B.weight"),
+            vec![m.fan_out, m.rank],
+            f32_bytes(&m.b),
+        ));
+    }
+    t
+}
+
+fn config(r: usize, alpha: f64, rslora: bool, targets: &[&str]) -> Value {
+    json!({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
+        "target_modules": targets, "base_model_name_or_path": "test/tiny",
+        "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": false,
+        "lora_dropout": 0.0, "use_dora": false, "init_lora_weights": true
+    })
+}
+
+fn write_adapter(dir: &Path, cfg: &Value, weights: &[u8]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(cfg).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), weights).unwrap();
+    dir.to_path_buf()
+}
+
+const MODS: [&str; 3] = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.self_attn.v_proj",
+    "model.layers.1.mlp.up_proj",
+];
+
+/// Three valid adapters with alpha != r, one rsLoRA, one missing a module.
+fn three_adapters(root: &Path) -> (Vec<PathBuf>, Vec<Vec<Module>>, Vec<f64>) {
+    let mut rng = Rng(7);
+    let specs: [(usize, f64, bool, usize); 3] =
+        [(4, 8.0, false, 3), (2, 5.0, true, 3), (3, 1.5, false, 2)];
+    let mut dirs = Vec::new();
+    let mut all = Vec::new();
+    let mut scales = Vec::new();
+    for (i, (r, alpha, rs, nmods)) in specs.iter().enumerate() {
+        let mods: Vec<Module> = MODS[..*nmods]
+            .iter()
+            .map(|name| {
+                let (o, n) = if name.contains("up_proj") {
+                    (12, 8)
+                } else {
+                    (8, 8)
+                };
+                module(&mut rng, name, *r, o, n)
+            })
+            .collect();
+        let targets: Vec<&str> = vec!["q_proj", "v_proj", "up_proj"];
+        let dir = write_adapter(
+            &root.join(format!("ad{i}")),
+            &config(*r, *alpha, *rs, &targets[..*nmods]),
+            &safetensors_bytes(&lora_tensors(&mods)),
+        );
+        scales.push(if *rs {
+            alpha / (*r as f64).sqrt()
+        } else {
+            alpha / *r as f64
+        });
+        dirs.push(dir);
+        all.push(mods);
+    }
+    (dirs, all, scales)
+}
+
+fn read_tensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut out = BTreeMap::new();
+    for (k, v) in header.as_object().unwrap() {
+        if k == "__metadata__" {
+            assert_eq!(v["format"], "pt");
+            continue;
+        }
+        assert_eq!(v["dtype"], "F32");
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let off: Vec<usize> = v["data_offsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let vals = data[off[0]..off[1]]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        out.insert(k.clone(), (shape, vals));
+    }
+    out
+}
+
+/// dense = sum_i w_i * s_i * B_i @ A_i, by plain loops in f64.
+fn dense_reference(terms: &[(f64, f64, &Module)]) -> Vec<f64> {
+    let m0 = terms[0].2;
+    let mut d = vec![0.0f64; m0.fan_out * m0.fan_in];
+    for (w, s, m) in terms {
+        for o in 0..m.fan_out {
+            for i in 0..m.fan_in {
+                let mut acc = 0.0f64;
+                for k in 0..m.rank {
+                    acc += m.b[o * m.rank + k] as f64 * m.a[k * m.fan_in + i] as f64;
+                }
+                d[o * m.fan_in + i] += w * s * acc;
+            }
+        }
+    }
+    d
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den
+}
+
+#[test]
+fn exact_merge_equals_weighted_sum_of_deltas_and_is_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dirs, mods, scales) = three_adapters(tmp.path());
+    let out = tmp.path().join("out");
+    let weights = [0.5, -0.25, 2.0];
+    let mut args: Vec<String> = vec!["uniform".into(), "--adapters".into()];
+    args.extend(dirs.iter().map(|d| d.display().to_string()));
+    args.extend(["--weights", "0.5", "-0.25", "2.0", "-o"].map(String::from));
+    args.push(out.display().to_string());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&argv);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let tensors = read_tensors(&out.join("adapter_model.safetensors"));
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["use_rslora"], false);
+    for (mi, name) in MODS.iter().enumerate() {
+        let terms: Vec<(f64, f64, &Module)> = (0..3)
+            .filter(|&i| mods[i].len() > mi)
+            .map(|i| (weights[i], scales[i], &mods[i][mi]))
+            .collect();
+        let want = dense_reference(&terms);
+        let (a_shape, a) = &tensors[&format!("base_model.model.{name}.lora_A.weight")];
+        let (b_shape, b) = &tensors[&format!("base_model.model.{name}.lora_B.weight")];
+        let r = a_shape[0];
+        assert_eq!(
+            r,
+            terms.iter().map(|t| t.2.rank).sum::<usize>(),
+            "exact rank is the sum of ranks for {name}"
+        );
+        assert_eq!(b_shape[1], r);
+        // The config must give this module scale 1 (alpha == rank).
+        let rank_cfg = cfg["rank_pattern"]
+            .get(*name)
+            .unwrap_or(&cfg["r"])
+            .as_u64()
+            .unwrap() as usize;
+        let alpha_cfg = cfg["alpha_pattern"]
+            .get(*name)
+            .unwrap_or(&cfg["lora_alpha"])
+            .as_f64()
+            .unwrap();
+        assert_eq!(rank_cfg, r, "{name}");
+        assert_eq!(alpha_cfg, r as f64, "{name}");
+        let (fo, fi) = (b_shape[0], a_shape[1]);
+        let mut got = vec![0.0f64; fo * fi];
+        for o in 0..fo {
+            for i in 0..fi {
+                got[o * fi + i] = (0..r)
+                    .map(|k| b[o * r + k] as f64 * a[k * fi + i] as f64)
+                    .sum();
+            }
+        }
+        // f32 factors, f64 accumulation: a few f32 ulps of the terms.
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-6, "{name}: relative error {e}");
+    }
+
+    // Same inputs, another output: byte-identical adapter files.
+    let out2 = tmp.path().join("out2");
+    let last = args.len() - 1;
+    args[last] = out2.display().to_string();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert!(run(&argv).status.success());
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(out2.join(f)).unwrap(),
+            "{f} differs between runs"
+        );
+    }
+
+    // The manifest records inputs, hashes, and per-module error.
+    let man: Value =
+        serde_json::from_slice(&std::fs::read(out.join("merge_manifest.json")).unwrap()).unwrap();
+    assert_eq!(man["inputs"].as_array().unwrap().len(), 3);
+    assert_eq!(man["inputs"][2]["weight"], 2.0);
+    assert_eq!(man["modules"][MODS[2]]["adapters"], json!([0, 1]));
+    assert_eq!(man["modules"][MODS[0]]["rel_error"], 0.0);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.starts_with("---\nlibrary_name: peft\nbase_model: \"test/tiny\"\n"),
+        "{card}"
+    );
+
+    // verify: clean, then tampered.
+    let o = run(&["verify", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg_path = out.join("adapter_config.json");
+    let mut text = std::fs::read_to_string(&cfg_path).unwrap();
+    text.push(' ');
+    std::fs::write(&cfg_path, text).unwrap();
+    let o = run(&["verify", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
+}
+
+#[test]
+fn existing_output_needs_force_and_strict_refuses_partial_modules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dirs, _, _) = three_adapters(tmp.path());
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "precious").unwrap();
+    let (a, b, c) = (
+        dirs[0].to_str().unwrap(),
+        dirs[1].to_str().unwrap(),
+        dirs[2].to_str().unwrap(),
+    );
+    let o = run(&["uniform", "--adapters", a, b, "-o", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "precious"
+    );
+
+    let o = run(&[
+        "uniform",
+        "--adapters",
+        a,
+        b,
+        c,
+        "--strict",
+        "-o",
+        tmp.path().join("s").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("up_proj"), "{}", stderr(&o));
+    assert!(!tmp.path().join("s").exists());
+
+    let o = run(&[
+        "uniform",
+        "--adapters",
+        a,
+        b,
+        "--force",
+        "--json",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!out.join("keep.txt").exists());
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["modules"], 3);
+    assert_eq!(report["adapters"], 2);
+}
+
+/// Each malformed input: exit 1, one error line naming the file, no output.
+fn assert_refused(args: &[&str], out: &Path, names: &str, why: &str) {
+    let o = run(args);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected exit 1 for {why}; stderr: {err}"
+    );
+    assert!(
+        err.contains(names),
+        "error for {why} should name {names:?}: {err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.contains("error")).count(),
+        1,
+        "one error line for {why}: {err}"
+    );
+    assert!(
+        !out.exists() || std::fs::read_dir(out).unwrap().next().is_none(),
+        "{why}: output left behind"
+    );
+    // No staging directories either.
+    let parent = out.parent().unwrap();
+    for e in std::fs::read_dir(parent).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!n.contains("lora-merge"), "{why}: left {n} behind");
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_with_one_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = Rng(3);
+    let good_mods = vec![module(&mut rng, MODS[0], 2, 4, 4)];
+    let good = safetensors_bytes(&lora_tensors(&good_mods));
+    let cfg = config(2, 3.0, false, &["q_proj"]);
+    let ok = write_adapter(&tmp.path().join("ok"), &cfg, &good);
+    let out = tmp.path().join("out");
+    let outs = out.to_str().unwrap();
+    let oks = ok.to_str().unwrap();
+
+    let mut cases: Vec<(&str, PathBuf)> = Vec::new();
+    let mut add = |name: &'static str, cfg: &Value, bytes: Vec<u8>| {
+        cases.push((name, write_adapter(&tmp.path().join(name), cfg, &bytes)));
+    };
+    add("truncated", &cfg, good[..good.len() - 5].to_vec());
+    let mut past = good.clone();
+    past[..8].copy_from_slice(&(good.len() as u64).to_le_bytes());
+    add("header-past-end", &cfg, past);
+    let mut huge = good.clone();
+    huge[..8].copy_from_slice(&200_000_000u64.to_le_bytes());
+    add("oversized-header", &cfg, huge);
+    let n = 2 * 4 * 4;
+    let a = format!("base_model.model.{}.lora_A.weight", MODS[0]);
+    let b = format!("base_model.model.{}.lora_B.weight", MODS[0]);
+    let hdr = |a_off: [usize; 2], b_off: [usize; 2], dt: &str| {
+        format!(
+            r#"{{"{a}":{{"dtype":"{dt}","shape":[2,4],"data_offsets":[{},{}]}},"{b}":{{"dtype":"F32","shape":[4,2],"data_offsets":[{},{}]}}}}"#,
+            a_off[0], a_off[1], b_off[0], b_off[1]
+        )
+    };
+    add(
+        "hole",
+        &cfg,
+        raw_file(&hdr([0, 32], [36, 68], "F32"), &[0u8; 68]),
+    );
+    add(
+        "overlap",
+        &cfg,
+        raw_file(&hdr([0, 32], [28, 60], "F32"), &[0u8; 60]),
+    );
+    add(
+        "unknown-dtype",
+        &cfg,
+        raw_file(&hdr([0, 32], [32, 64], "Q4"), &vec![0u8; n]),
+    );
+    let dup = format!(
+        r#"{{"{a}":{{"dtype":"F32","shape":[2,4],"data_offsets":[0,32]}},"{a}":{{"dtype":"F32","shape":[2,4],"data_offsets":[32,64]}}}}"#
+    );
+    add("duplicate-key", &cfg, raw_file(&dup, &[0u8; 64]));
+    let only_a: Vec<_> = lora_tensors(&good_mods)
+        .into_iter()
+        .filter(|t| t.0.contains("lora_A"))
+        .collect();
+    add("a-without-b", &cfg, safetensors_bytes(&only_a));
+    let mut dora = cfg.clone();
+    dora["use_dora"] = json!(true);
+    add("dora", &dora, good.clone());
+    let mut cases_with_file: Vec<(&str, PathBuf, String)> = cases
+        .into_iter()
+        .map(|(n, p)| {
+            (
+                n,
+                p.clone(),
+                p.join(if n == "dora" {
+                    "adapter_config.json"
+                } else {
+                    "adapter_model.safetensors"
+                })
+                .display()
+                .to_string(),
+            )
+        })
+        .collect();
+
+    let notjson = tmp.path().join("not-json");
+    write_adapter(&notjson, &cfg, &good);
+    std::fs::write(notjson.join("adapter_config.json"), "{ \"r\": 2, oops").unwrap();
+    cases_with_file.push((
+        "config-not-json",
+        notjson.clone(),
+        notjson.join("adapter_config.json").display().to_string(),
+    ));
+
+    let pickle = tmp.path().join("pickle");
+    std::fs::create_dir_all(&pickle).unwrap();
+    std::fs::write(pickle.join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::write(pickle.join("adapter_model.bin"), b"\x80\x04not really").unwrap();
+    cases_with_file.push(("pickle-only", pickle.clone(), pickle.display().to_string()));
+
+    for (why, dir, names) in &cases_with_file {
+        assert_refused(
+            &[
+                "uniform",
+                "--adapters",
+                oks,
+                dir.to_str().unwrap(),
+                "-o",
+                outs,
+            ],
+            &out,
+            names,
+            why,
+        );
+    }
+
+    // Shape conflict: same module, different fan_in; names both adapters.
+    let other = vec![module(&mut rng, MODS[0], 2, 4, 6)];
+    let conflict = write_adapter(
+        &tmp.path().join("conflict"),
+        &cfg,
+        &safetensors_bytes(&lora_tensors(&other)),
+    );
+    let o = run(&[
+        "uniform",
+        "--adapters",
+        oks,
+        conflict.to_str().unwrap(),
+        "-o",
+        outs,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("ok") && err.contains("conflict") && err.contains(MODS[0]),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    // Output equal to an input.
+    let o = run(&["uniform", "--adapters", oks, "--force", "-o", oks]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is the adapter"), "{}", stderr(&o));
+    assert!(ok.join("adapter_model.safetensors").exists());
+
+    // Wrong number of weights.
+    let o = run(&[
+        "uniform",
+        "--adapters",
+        oks,
+        "--weights",
+        "0.5",
+        "0.5",
+        "-o",
+        outs,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--weights"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+/// Every file under `dir` with its bytes: a snapshot to prove nothing changed.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Regression: `uniform --adapters-file OUT/list.txt -o OUT --force`
+/// deleted the list, and `-o` inside an input adapter folder added a folder
+/// to it. An OUT that is, holds or lies inside an input is refused, with
+/// --force, before anything is written.
+#[test]
+fn an_output_that_overlaps_an_input_is_refused_even_with_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dirs, _, _) = three_adapters(tmp.path());
+    let (a, b) = (dirs[0].to_str().unwrap(), dirs[1].to_str().unwrap());
+    let lists = tmp.path().join("lists");
+    std::fs::create_dir(&lists).unwrap();
+    std::fs::write(lists.join("list.txt"), format!("{a}\n{b}\n")).unwrap();
+    let link = tmp.path().join("link-to-a");
+    std::os::unix::fs::symlink(&dirs[0], &link).unwrap();
+    let before = snapshot(tmp.path());
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--adapters-file".into(),
+                s(&lists.join("list.txt")),
+                "-o".into(),
+                s(&lists),
+            ],
+            "holds the --adapters-file",
+        ),
+        (
+            vec![
+                "--adapters".into(),
+                a.into(),
+                b.into(),
+                "-o".into(),
+                a.into(),
+            ],
+            "is the adapter",
+        ),
+        (
+            vec![
+                "--adapters".into(),
+                a.into(),
+                b.into(),
+                "-o".into(),
+                s(&dirs[1].join("merged")),
+            ],
+            "lies inside the adapter",
+        ),
+        (
+            vec![
+                "--adapters".into(),
+                s(&link),
+                b.into(),
+                "-o".into(),
+                a.into(),
+            ],
+            "the adapter",
+        ),
+        (
+            vec![
+                "--adapters".into(),
+                a.into(),
+                b.into(),
+                "-o".into(),
+                s(tmp.path()),
+            ],
+            "holds the adapter",
+        ),
+    ];
+    for (args, why) in cases {
+        let mut full: Vec<&str> = vec!["uniform", "--force"];
+        full.extend(args.iter().map(String::as_str));
+        let o = run(&full);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{full:?}: {err}");
+        assert!(
+            err.contains(why) && err.contains("--force does not change this"),
+            "{full:?}: {err}"
+        );
+        assert_eq!(snapshot(tmp.path()), before, "{full:?} changed the inputs");
+    }
+}
+
+/// One exit-code contract: a bad flag is the user's to fix (1, not clap's
+/// 2), --help and --version succeed on stdout, and results go to stdout
+/// while diagnostics go to stderr.
+#[test]
+fn exit_codes_and_streams_follow_one_contract() {
+    for args in [
+        &["uniform", "--bogus"][..],
+        &["inspect", "--format", "nope", "x"],
+        &["uniform", "--adapters", "a"],
+        &["no-such-command"],
+        &[],
+        // Handed to the libtorch companion: the same contract there.
+        &["fit", "--bogus"],
+        &["train", "--base"],
+    ] {
+        let o = run(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?} wrote to stdout");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    for args in [&["--help"][..], &["uniform", "--help"], &["--version"]] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        assert!(!o.stdout.is_empty() && o.stderr.is_empty(), "{args:?}");
+    }
+    let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
+    assert!(help.contains("Exit status"), "{help}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (dirs, _, _) = three_adapters(tmp.path());
+    let o = run(&["inspect", dirs[0].to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        report.contains("rank"),
+        "inspect's report belongs on stdout: {report:?}"
+    );
+    let out = tmp.path().join("m");
+    let o = run(&[
+        "uniform",
+        "--adapters",
+        dirs[0].to_str().unwrap(),
+        dirs[1].to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success() && o.stdout.is_empty(), "{}", stderr(&o));
+    let o = run(&["verify", out.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("files match"));
+}
+
+/// Regression: a NaN in one lora_A went into the merged adapter with exit
+/// 0, and `--weights 1e39` overflowed to inf; `--dtype f16` of values
+/// beyond f16's range wrote infinities. Each is refused, naming the module,
+/// and nothing is written.
+#[test]
+fn numbers_a_file_cannot_hold_are_never_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = Rng(11);
+    let mut bad = vec![module(&mut rng, MODS[0], 2, 4, 4)];
+    bad[0].a[3] = f32::NAN;
+    let cfg = config(2, 2.0, false, &["q_proj"]);
+    let nan = write_adapter(
+        &tmp.path().join("nan"),
+        &cfg,
+        &safetensors_bytes(&lora_tensors(&bad)),
+    );
+    let mut big = vec![module(&mut rng, MODS[0], 2, 4, 4)];
+    big[0].b.iter_mut().for_each(|x| *x *= 1e5);
+    let big = write_adapter(
+        &tmp.path().join("big"),
+        &cfg,
+        &safetensors_bytes(&lora_tensors(&big)),
+    );
+    let out = tmp.path().join("out");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for (args, needle) in [
+        (vec!["--adapters".to_string(), s(&nan)], "NaN"),
+        (
+            vec![
+                "--adapters".into(),
+                s(&big),
+                "--weights".into(),
+                "1e39".into(),
+            ],
+            "inf",
+        ),
+        (
+            vec!["--adapters".into(), s(&big), "--dtype".into(), "f16".into()],
+            "f16 cannot store",
+        ),
+    ] {
+        let mut full = vec!["uniform".to_string(), "-o".into(), s(&out)];
+        full.extend(args);
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        let o = run(&full);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{full:?}: {err}");
+        assert!(
+            err.contains(needle) && err.contains(MODS[0]),
+            "{full:?}: {err}"
+        );
+        assert!(!out.exists(), "{full:?} wrote {}", out.display());
+    }
+    // The same adapter in f32 is fine.
+    let o = run(&["uniform", "--adapters", &s(&big), "-o", &s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
