@@ -6,14 +6,12 @@
 
 use crate::common;
 
-use std::process::Command;
-
 use serde_json::Value;
 
 #[test]
 fn fewshot_pipeline_gives_real_and_repeatable_accuracies() {
     let work = tempfile::tempdir().unwrap();
-    let out = Command::new(common::python())
+    let out = common::command(common::python())
         .arg(common::repo().join("tests/experiment/fewshot.py"))
         .arg("check")
         .env("LORA_MERGE_BIN", env!("CARGO_BIN_EXE_lora-merge"))

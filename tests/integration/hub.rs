@@ -39,7 +39,7 @@ impl Env {
         self.root.join("cache")
     }
     fn cmd(&self, program: &Path, token: Option<&str>, offline: bool) -> Command {
-        let mut c = Command::new(program);
+        let mut c = common::command(program);
         c.env("HF_ENDPOINT", &self.endpoint)
             .env("HF_HOME", self.root.join("home"))
             .env("HF_HUB_CACHE", self.cache())

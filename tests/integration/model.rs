@@ -7,7 +7,7 @@ use crate::common;
 use common::run;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use serde_json::Value;
@@ -678,7 +678,7 @@ fn fit_classify_with_both_heads_and_a_dry_run() {
 fn fit_finds_the_adapter_trained_for_the_task_and_peft_reloads_it() {
     let dir = tempfile::tempdir().unwrap();
     let python = repo().join(".venv/bin/python");
-    let o = Command::new(&python)
+    let o = common::command(&python)
         .arg(repo().join("fixtures/make_fit_fixtures.py"))
         .args(["-q", "--out"])
         .arg(dir.path())
@@ -738,7 +738,7 @@ fn fit_finds_the_adapter_trained_for_the_task_and_peft_reloads_it() {
     println!("held-out file: learned {learned}, uniform {uniform}, base {base_loss}");
     assert!(learned < 0.5 * uniform && uniform < base_loss);
 
-    let o = Command::new(&python)
+    let o = common::command(&python)
         .arg(repo().join("tests/python/fit_reload.py"))
         .args([
             "--base",
@@ -816,7 +816,7 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
         trained < 0.8 * base_loss,
         "eval: trained {trained} vs base {base_loss}"
     );
-    let o = Command::new(repo().join(".venv/bin/python"))
+    let o = common::command(repo().join(".venv/bin/python"))
         .arg(repo().join("tests/python/fit_reload.py"))
         .args([
             "--base",
