@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use lora_merge::adapter::{AdapterSet, Format};
+use lora_merge::adapter::{AdapterSet, CompatReport, Format};
+use lora_merge::checkpoint::ModelDir;
 use lora_merge::cli::{FitArgs, GranularityArg, HeadArg};
 use lora_merge::compose::merge::{self, Weights};
 use lora_merge::data::Task;
@@ -94,10 +95,8 @@ impl Objective for Composition<'_> {
     }
 }
 
-pub fn run(args: &FitArgs) -> Result<()> {
-    let t0 = Instant::now();
-    let out = OutputSettings::from_args(&args.out);
-    let merge_settings = MergeSettings::from_args(&args.merge)?;
+/// Flags that can be refused before anything is read.
+fn check_flags(args: &FitArgs) -> Result<()> {
     if args.steps == 0 && !args.dry_run {
         return Err(Error::Usage("--steps must be at least 1".into()));
     }
@@ -111,14 +110,25 @@ pub fn run(args: &FitArgs) -> Result<()> {
         return Err(Error::Usage("--val-fraction must be in [0, 1)".into()));
     }
     check_rate("--lr", args.lr)?;
-    check_rate("--head-lr", args.head_lr)?;
+    check_rate("--head-lr", args.head_lr)
+}
+
+/// Everything a fit reads, checked against OUT as given and as resolved.
+struct Inputs {
+    dir: ModelDir,
+    task: Task,
+    set: AdapterSet,
+    report: CompatReport,
+}
+
+fn open_inputs(args: &FitArgs, out: &OutputSettings, merge: &MergeSettings) -> Result<Inputs> {
     let file = args.inputs.adapters_file.as_deref();
     // A bad output is refused before anything large is read.
-    let mut inputs = settings::given_inputs(&args.inputs.adapters, file);
-    inputs.push(Input::at("base model", &args.base));
-    inputs.push(Input::at("shots file", &args.shots));
+    let mut given = settings::given_inputs(&args.inputs.adapters, file);
+    given.push(Input::at("base model", &args.base));
+    given.push(Input::at("shots file", &args.shots));
     if !args.dry_run {
-        out.check(&inputs)?;
+        out.check(&given)?;
     }
     let refs = settings::adapter_refs(&args.inputs.adapters, file)?;
     let (dir, task) = open_base(&args.base, args.task, args.head)?;
@@ -130,97 +140,128 @@ pub fn run(args: &FitArgs) -> Result<()> {
         resolved.push(Input::at("shots file", &args.shots));
         out.check(&resolved)?;
     }
-    let report = set.check(merge_settings.strict, merge_settings.allow_base_mismatch)?;
-    let n = set.adapters.len();
-    let grouping = granularity(args.granularity);
+    let report = set.check(merge.strict, merge.allow_base_mismatch)?;
+    Ok(Inputs {
+        dir,
+        task,
+        set,
+        report,
+    })
+}
 
-    // Shots, split, tokens.
-    let mut tok = Tok::load(&dir.tokenizer)?;
-    let model_max = dir.arch.max_positions();
+/// The shots, tokenized, and which of them train and which are held out.
+struct Split {
+    shots: Shots,
+    train: Vec<usize>,
+    val: Vec<usize>,
+    max_len: usize,
+}
+
+fn split_shots(args: &FitArgs, inp: &Inputs, rng: &mut Rng) -> Result<Split> {
+    let mut tok = Tok::load(&inp.dir.tokenizer)?;
+    let model_max = inp.dir.arch.max_positions();
     let max_len = args.max_length.unwrap_or(model_max).min(model_max);
-    let mut rng = Rng(args.seed);
-    let shots = load_shots(task, &args.shots, &mut tok, max_len)?;
-    let count = shots.len();
+    let shots = load_shots(inp.task, &args.shots, &mut tok, max_len)?;
     let (train, val) = match &shots {
-        Shots::Causal(t) => split::plain(t.len(), args.val_fraction, &mut rng),
+        Shots::Causal(t) => split::plain(t.len(), args.val_fraction, rng),
         Shots::Classify { y, labels, .. } => {
             let names: Vec<String> = y.iter().map(|&i| labels[i as usize].clone()).collect();
-            split::stratified(&names, args.val_fraction, &mut rng)
+            split::stratified(&names, args.val_fraction, rng)
         }
     };
+    Ok(Split {
+        shots,
+        train,
+        val,
+        max_len,
+    })
+}
 
-    let groups_planned = planned_groups(&set, grouping);
-    let classes = shots.labels().len();
+/// `--dry-run`: what a fit would train and roughly what memory it needs.
+fn print_plan(args: &FitArgs, inp: &Inputs, sp: &Split) -> Result<()> {
+    let (dir, set) = (&inp.dir, &inp.set);
+    let grouping = granularity(args.granularity);
+    let groups = planned_groups(set, grouping).len();
+    let classes = sp.shots.labels().len();
     let hidden = dir.arch.hidden_size();
     let head_params = if args.head == HeadArg::Linear {
         classes * hidden + classes
     } else {
         0
     };
-    let trainable = groups_planned.len() * n + head_params;
-    if args.dry_run {
-        let factor_bytes: usize = set.adapters.iter().map(|a| a.parameter_count() * 4).sum();
-        let model_bytes = dir.parameter_count() * 4;
-        let layers = dir.arch.num_layers();
-        // Activations kept for backward: roughly 24 hidden-sized tensors
-        // per layer and token (attention, MLP, norms, LoRA branches).
-        let act_bytes =
-            args.batch_size.min(train.len()) * shots.longest() * hidden * layers * 24 * 4;
-        let plan = json!({
+    let n = set.adapters.len();
+    let trainable = groups * n + head_params;
+    let factor_bytes: usize = set.adapters.iter().map(|a| a.parameter_count() * 4).sum();
+    let model_bytes = dir.parameter_count() * 4;
+    let layers = dir.arch.num_layers();
+    // Activations kept for backward: roughly 24 hidden-sized tensors per
+    // layer and token (attention, MLP, norms, LoRA branches).
+    let act_bytes =
+        args.batch_size.min(sp.train.len()) * sp.shots.longest() * hidden * layers * 24 * 4;
+    let count = sp.shots.len();
+    if args.json {
+        return print_json(&json!({
             "base": {"path": dir.dir, "architecture": dir.arch.name(), "parameters": dir.parameter_count()},
-            "task": task.name(),
+            "task": inp.task.name(),
             "adapters": set.adapters.iter().map(|a| json!({"given": a.given, "modules": a.modules.len(), "rank": a.config.r})).collect::<Vec<_>>(),
-            "modules": report.modules.len(),
+            "modules": inp.report.modules.len(),
             "granularity": format!("{:?}", grouping).to_lowercase(),
-            "groups": groups_planned.len(),
+            "groups": groups,
             "trainable_parameters": trainable,
-            "shots": {"count": count, "train": train.len(), "validation": val.len()},
+            "shots": {"count": count, "train": sp.train.len(), "validation": sp.val.len()},
             "memory_estimate_bytes": model_bytes + factor_bytes + act_bytes,
             "memory_estimate": {"model": model_bytes, "adapter_factors": factor_bytes, "activations": act_bytes},
-        });
-        if args.json {
-            print_json(&plan)?;
-        } else {
-            lora_merge::outln!(
-                "plan: fit {} adapters into {} ({})\n  task {}, {} shots: {} train, {} held out\n  \
-                 {} adapted modules, {} weight groups ({:?}), {} trainable parameters\n  \
-                 memory: about {} (model {}, adapter factors {}, activations {})",
-                n,
-                dir.dir.display(),
-                dir.arch.name(),
-                task.name(),
-                count,
-                train.len(),
-                val.len(),
-                report.modules.len(),
-                groups_planned.len(),
-                grouping,
-                trainable,
-                human_bytes((model_bytes + factor_bytes + act_bytes) as u64),
-                human_bytes(model_bytes as u64),
-                human_bytes(factor_bytes as u64),
-                human_bytes(act_bytes as u64)
-            );
-        }
-        return Ok(());
+        }));
     }
-    if train.is_empty() {
-        return Err(Error::invalid(
-            &args.shots,
-            "no training shots left after the split",
-        ));
-    }
-    if val.is_empty() {
-        eprintln!(
-            "note: no held-out shots (too few for --val-fraction {}); the last step is kept",
-            args.val_fraction
-        );
-    }
+    lora_merge::outln!(
+        "plan: fit {} adapters into {} ({})\n  task {}, {} shots: {} train, {} held out\n  \
+         {} adapted modules, {} weight groups ({:?}), {} trainable parameters\n  \
+         memory: about {} (model {}, adapter factors {}, activations {})",
+        n,
+        dir.dir.display(),
+        dir.arch.name(),
+        inp.task.name(),
+        count,
+        sp.train.len(),
+        sp.val.len(),
+        inp.report.modules.len(),
+        groups,
+        grouping,
+        trainable,
+        human_bytes((model_bytes + factor_bytes + act_bytes) as u64),
+        human_bytes(model_bytes as u64),
+        human_bytes(factor_bytes as u64),
+        human_bytes(act_bytes as u64)
+    );
+    Ok(())
+}
 
+/// What training found.
+struct Learned {
+    curve: Vec<LossPoint>,
+    best_step: usize,
+    /// Held-out loss and accuracy of the base model alone.
+    base_val: Option<(f64, Option<f64>)>,
+    /// Weights per group at the kept step, and the group names.
+    group_weights: Vec<Vec<f64>>,
+    group_names: Vec<String>,
+    /// The merge's weights: the mean per adapter, and per module.
+    weights: Weights,
+    head: Option<(Vec<f32>, Vec<f32>)>,
+    labels: Vec<String>,
+    device: String,
+    seconds: f64,
+}
+
+/// Load the model with the adapters composed in, and learn the weights.
+fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learned> {
+    let n = inp.set.adapters.len();
+    let grouping = granularity(args.granularity);
     let dev = device(args.device)?;
     tch::manual_seed(args.seed as i64);
-    let model = Model::load(&dir, Some(&set), grouping, Kind::Float, dev)?;
+    let model = Model::load(&inp.dir, Some(&inp.set), grouping, Kind::Float, dev)?;
     let g = model.groups.len();
+    let (train, val) = (&sp.train, &sp.val);
     eprintln!(
         "fit: {n} adapters, {} modules in {g} weight groups, on {} ({} train / {} held-out shots)",
         model.module_groups.len(),
@@ -228,8 +269,8 @@ pub fn run(args: &FitArgs) -> Result<()> {
         train.len(),
         val.len()
     );
-    let labels = shots.labels();
-    let t_train = Instant::now();
+    let labels = sp.shots.labels();
+    let t = Instant::now();
     let (outcome, base_val, group_weights, head) = catching(|| {
         let vs = nn::VarStore::new(dev);
         let logits = vs.root().zeros("logits", &[g as i64, n as i64]);
@@ -237,13 +278,13 @@ pub fn run(args: &FitArgs) -> Result<()> {
         let mut c = Composition {
             trainer: Trainer {
                 model: &model,
-                shots,
+                shots: sp.shots,
                 head: None,
             },
             logits,
             opt,
-            train: &train,
-            val: &val,
+            train,
+            val,
             batch: args.batch_size,
             kept: None,
         };
@@ -251,19 +292,19 @@ pub fn run(args: &FitArgs) -> Result<()> {
         // head this is the prototype classifier over base embeddings (the
         // head's start).
         let base_val =
-            (!val.is_empty()).then(|| c.trainer.val_loss(&train, &val, &[], args.batch_size));
+            (!val.is_empty()).then(|| c.trainer.val_loss(train, val, &[], args.batch_size));
         if args.head == HeadArg::Linear {
-            let head = new_head(&c.trainer, &train, &c.mix(), args.batch_size, args.head_lr)?;
+            let head = new_head(&c.trainer, train, &c.mix(), args.batch_size, args.head_lr)?;
             c.trainer.head = Some(head);
         }
         let plan = Plan {
             steps: args.steps,
             batch_size: args.batch_size,
-            train: &train,
+            train,
             lr: ("--lr", args.lr),
             label: "fit",
         };
-        let outcome = steps::run(&plan, &mut rng, &mut c)?;
+        let outcome = steps::run(&plan, rng, &mut c)?;
         let (best_logits, best_head) = c
             .kept
             .take()
@@ -280,15 +321,12 @@ pub fn run(args: &FitArgs) -> Result<()> {
         };
         Ok((outcome, base_val, weights, head))
     })?;
-    let train_s = t_train.elapsed().as_secs_f64();
-    let (curve, best_step) = (outcome.curve, outcome.best_step);
-
-    // The learned weights, as the merge takes them.
+    let seconds = t.elapsed().as_secs_f64();
     let mean: Vec<f64> = (0..n)
         .map(|i| group_weights.iter().map(|w| w[i]).sum::<f64>() / g as f64)
         .collect();
     let weights = Weights {
-        global: mean.clone(),
+        global: mean,
         per_module: if grouping == Grouping::Global {
             BTreeMap::new()
         } else {
@@ -299,99 +337,107 @@ pub fn run(args: &FitArgs) -> Result<()> {
                 .collect()
         },
     };
-    let group_names = model.groups.clone();
-    drop(model);
+    Ok(Learned {
+        curve: outcome.curve,
+        best_step: outcome.best_step,
+        base_val,
+        group_names: model.groups.clone(),
+        group_weights,
+        weights,
+        head,
+        labels,
+        device: device_name(dev),
+        seconds,
+    })
+}
 
-    let bar = progress(report.modules.len() as u64, "merging");
-    let t_merge = Instant::now();
-    let method = merge_settings.method;
-    let modules = merge::merge(&set, &weights, method, &|| bar.inc(1))?;
-    bar.finish_and_clear();
-    let merge_s = t_merge.elapsed().as_secs_f64();
-
-    let uniform = &curve[0];
-    let learned = &curve[best_step];
-    let score = |p: &LossPoint| Score {
+fn score(p: &LossPoint) -> Score {
+    Score {
         loss: p.val_loss,
         accuracy: p.val_accuracy,
-    };
-    let validation = Validation {
-        base: base_val.map(|b| Score {
+    }
+}
+
+fn validation(l: &Learned) -> Validation {
+    Validation {
+        base: l.base_val.map(|b| Score {
             loss: Some(b.0),
             accuracy: b.1,
         }),
-        uniform: score(uniform),
-        learned: score(learned),
-    };
-    let adapter_names: Vec<String> = set.adapters.iter().map(|a| a.given.clone()).collect();
-    let mut contents = describe::merge_contents(&Merge {
-        set: &set,
-        report: &report,
-        weights: &weights,
-        method,
-        modules: &modules,
-        format: Format::Peft,
-        dtype: merge_settings.dtype_for(&set),
-    })?;
-    let svg = heatmap::weights_svg(
-        &format!("lora-merge fit: learned weights ({g} groups x {n} adapters)"),
-        &group_names,
-        &adapter_names,
-        &group_weights,
-    );
-    contents
-        .files
-        .push(("weights.svg".to_string(), svg.into_bytes()));
-    if let Some((hw, hb)) = &head {
-        contents.files.extend(head_files(&labels, hidden, hw, hb)?);
+        uniform: score(&l.curve[0]),
+        learned: score(&l.curve[l.best_step]),
     }
-    let fmt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.4}"));
-    contents.card.extra_section = Some(format!(
+}
+
+fn fmt_loss(x: Option<f64>) -> String {
+    x.map_or("n/a".to_string(), |v| format!("{v:.4}"))
+}
+
+/// The card's section on the learned composition.
+fn card_section(
+    args: &FitArgs,
+    task: Task,
+    sp_counts: (usize, usize, usize),
+    l: &Learned,
+    adapters: &[String],
+) -> String {
+    let (count, n_train, n_val) = sp_counts;
+    let grouping = granularity(args.granularity);
+    format!(
         "## Learned composition\n\n\
-         Weights learned by `lora-merge fit` on {count} shots ({} for training, {} held out; task \
-         {}) over {} steps, {} weight groups ({} granularity). Held-out loss: base model {}, \
-         uniform merge {}, learned {} (step {best_step}).\n\n\
+         Weights learned by `lora-merge fit` on {count} shots ({n_train} for training, {n_val} \
+         held out; task {}) over {} steps, {} weight groups ({} granularity). Held-out loss: \
+         base model {}, uniform merge {}, learned {} (step {}).\n\n\
          ![learned weights per group and adapter](weights.svg)\n\n\
          | adapter | mean weight | min | max |\n|---|---|---|---|\n{}",
-        train.len(),
-        val.len(),
         task.name(),
         args.steps,
-        g,
+        l.group_names.len(),
         format!("{grouping:?}").to_lowercase(),
-        fmt(base_val.map(|b| b.0)),
-        fmt(uniform.val_loss),
-        fmt(learned.val_loss),
-        adapter_names
+        fmt_loss(l.base_val.map(|b| b.0)),
+        fmt_loss(l.curve[0].val_loss),
+        fmt_loss(l.curve[l.best_step].val_loss),
+        l.best_step,
+        adapters
             .iter()
             .enumerate()
             .map(|(i, a)| {
-                let col = group_weights.iter().map(|w| w[i]);
+                let col = l.group_weights.iter().map(|w| w[i]);
                 let min = col.clone().fold(f64::INFINITY, f64::min);
                 let max = col.fold(f64::NEG_INFINITY, f64::max);
                 format!(
                     "| `{}` | {:.4} | {:.4} | {:.4} |\n",
                     lora_merge::output::card::code_span(a),
-                    mean[i],
+                    l.weights.global[i],
                     min,
                     max
                 )
             })
             .collect::<String>()
-    ));
-    contents.pins.extend(
-        dir.hub
-            .iter()
-            .map(|h| (args.base.clone(), h.pinned.clone())),
-    );
-    contents.manifest.fit = Some(FitRecord {
+    )
+}
+
+/// `fit`'s section of the manifest.
+#[allow(clippy::too_many_arguments)]
+fn fit_record(
+    args: &FitArgs,
+    inp: &Inputs,
+    train: &[usize],
+    val: &[usize],
+    count: usize,
+    max_len: usize,
+    l: &Learned,
+) -> Result<FitRecord> {
+    let task = inp.task;
+    let dir = &inp.dir;
+    Ok(FitRecord {
         task: task.name(),
         shots: DataRecord {
             path: args.shots.clone(),
             sha256: lora_merge::hash::sha256_file(&args.shots)?,
             count,
-            train: Some(train.clone()),
-            validation: Some(val.clone()),
+            train: Some(train.to_vec()),
+            validation: Some(val.to_vec()),
             indices: Some("0-based positions among the file's examples (non-blank lines)"),
         },
         hyper_parameters: FitHyperParameters {
@@ -400,7 +446,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
             head_lr: args.head_lr,
             batch_size: args.batch_size,
             val_fraction: args.val_fraction,
-            granularity: format!("{grouping:?}").to_lowercase(),
+            granularity: format!("{:?}", granularity(args.granularity)).to_lowercase(),
             head: (task == Task::Classify).then(|| format!("{:?}", args.head).to_lowercase()),
             prototype_scale: (task == Task::Classify).then_some(PROTO_SCALE),
             max_length: max_len,
@@ -408,7 +454,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
             softmax: "true (not detached)",
         },
         seed: args.seed,
-        device: device_name(dev),
+        device: l.device.clone(),
         threads: tch::get_num_threads(),
         base_model: BaseModelRecord {
             path: Some(dir.dir.clone()),
@@ -417,77 +463,173 @@ pub fn run(args: &FitArgs) -> Result<()> {
             files: Some(dir.files.clone()),
             ..BaseModelRecord::default()
         },
-        loss_curve: curve.clone(),
-        best_step,
-        validation,
-        groups: group_names
+        loss_curve: l.curve.clone(),
+        best_step: l.best_step,
+        validation: validation(l),
+        groups: l
+            .group_names
             .iter()
-            .zip(&group_weights)
+            .zip(&l.group_weights)
             .map(|(name, w)| GroupWeights {
                 group: name.clone(),
                 weights: w.clone(),
             })
             .collect(),
-        train_seconds: train_s,
-    });
+        train_seconds: l.seconds,
+    })
+}
+
+/// The result: JSON on stdout, or the curve and a summary on stderr.
+fn report(
+    args: &FitArgs,
+    task: Task,
+    l: &Learned,
+    adapters: &[String],
+    dir: &std::path::Path,
+    total_s: f64,
+) -> Result<()> {
+    let uniform = &l.curve[0];
+    let learned = &l.curve[l.best_step];
+    if args.json {
+        let v = validation(l);
+        return print_json(&json!({
+            "output": dir,
+            "task": task.name(),
+            "device": l.device,
+            "adapters": adapters,
+            "groups": l.group_names.len(),
+            "steps": args.steps,
+            "best_step": l.best_step,
+            "loss_curve": l.curve,
+            "validation": {"base": v.base, "uniform": v.uniform, "learned": v.learned},
+            "weights_mean": l.weights.global,
+            "train_seconds": l.seconds,
+        }));
+    }
+    let acc = |a: Option<f64>| a.map(|a| format!(", accuracy {a:.4}")).unwrap_or_default();
+    eprintln!("{}", curve_table(&l.curve, l.best_step));
+    if let Some((loss, a)) = l.base_val {
+        eprintln!("held-out loss: base {loss:.4}{}", acc(a));
+    }
+    eprintln!(
+        "held-out loss: uniform {}{}  ->  learned {}{} (step {} of {}; train loss {:.4} -> {:.4})",
+        fmt_loss(uniform.val_loss),
+        acc(uniform.val_accuracy),
+        fmt_loss(learned.val_loss),
+        acc(learned.val_accuracy),
+        l.best_step,
+        args.steps,
+        uniform.train_loss,
+        learned.train_loss
+    );
+    let shown: Vec<String> = adapters
+        .iter()
+        .zip(&l.weights.global)
+        .map(|(a, w)| format!("{a}: {w:.3}"))
+        .collect();
+    eprintln!("mean learned weights: {}", shown.join(", "));
+    eprintln!(
+        "wrote {} (merged adapter, merge_manifest.json, README.md, weights.svg) in {total_s:.1} s",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// settings -> inputs -> split -> learn -> merge -> write -> report.
+pub fn run(args: &FitArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let out = OutputSettings::from_args(&args.out);
+    let merge_settings = MergeSettings::from_args(&args.merge)?;
+    check_flags(args)?;
+    let inp = open_inputs(args, &out, &merge_settings)?;
+    let mut rng = Rng(args.seed);
+    let sp = split_shots(args, &inp, &mut rng)?;
+    if args.dry_run {
+        return print_plan(args, &inp, &sp);
+    }
+    if sp.train.is_empty() {
+        return Err(Error::invalid(
+            &args.shots,
+            "no training shots left after the split",
+        ));
+    }
+    if sp.val.is_empty() {
+        eprintln!(
+            "note: no held-out shots (too few for --val-fraction {}); the last step is kept",
+            args.val_fraction
+        );
+    }
+    let (train, val, count, max_len) =
+        (sp.train.clone(), sp.val.clone(), sp.shots.len(), sp.max_len);
+    let hidden = inp.dir.arch.hidden_size();
+    let learned = learn(args, &inp, sp, &mut rng)?;
+
+    let bar = progress(inp.report.modules.len() as u64, "merging");
+    let t_merge = Instant::now();
+    let method = merge_settings.method;
+    let modules = merge::merge(&inp.set, &learned.weights, method, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+    let merge_s = t_merge.elapsed().as_secs_f64();
+
+    let adapters: Vec<String> = inp.set.adapters.iter().map(|a| a.given.clone()).collect();
+    let mut contents = describe::merge_contents(&Merge {
+        set: &inp.set,
+        report: &inp.report,
+        weights: &learned.weights,
+        method,
+        modules: &modules,
+        format: Format::Peft,
+        dtype: merge_settings.dtype_for(&inp.set),
+    })?;
+    let svg = heatmap::weights_svg(
+        &format!(
+            "lora-merge fit: learned weights ({} groups x {} adapters)",
+            learned.group_names.len(),
+            adapters.len()
+        ),
+        &learned.group_names,
+        &adapters,
+        &learned.group_weights,
+    );
+    contents
+        .files
+        .push(("weights.svg".into(), svg.into_bytes()));
+    if let Some((hw, hb)) = &learned.head {
+        contents
+            .files
+            .extend(head_files(&learned.labels, hidden, hw, hb)?);
+    }
+    contents.card.extra_section = Some(card_section(
+        args,
+        inp.task,
+        (count, train.len(), val.len()),
+        &learned,
+        &adapters,
+    ));
+    contents.pins.extend(
+        inp.dir
+            .hub
+            .iter()
+            .map(|h| (args.base.clone(), h.pinned.clone())),
+    );
+    contents.manifest.fit = Some(fit_record(
+        args, &inp, &train, &val, count, max_len, &learned,
+    )?);
     contents.manifest.timings = [
-        ("train_s", train_s),
+        ("train_s", learned.seconds),
         ("merge_s", merge_s),
         ("total_s", t0.elapsed().as_secs_f64()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let validation = contents.manifest.fit.as_ref().map(|f| {
-        json!({
-            "base": f.validation.base,
-            "uniform": f.validation.uniform,
-            "learned": f.validation.learned,
-        })
-    });
     let written = writer::write(&out.dir, contents)?;
-
-    if args.json {
-        print_json(&json!({
-            "output": written.dir,
-            "task": task.name(),
-            "device": device_name(dev),
-            "adapters": adapter_names,
-            "groups": g,
-            "steps": args.steps,
-            "best_step": best_step,
-            "loss_curve": curve,
-            "validation": validation,
-            "weights_mean": mean,
-            "train_seconds": train_s,
-        }))?;
-    } else {
-        let acc = |a: Option<f64>| a.map(|a| format!(", accuracy {a:.4}")).unwrap_or_default();
-        eprintln!("{}", curve_table(&curve, best_step));
-        if let Some((l, a)) = base_val {
-            eprintln!("held-out loss: base {l:.4}{}", acc(a));
-        }
-        eprintln!(
-            "held-out loss: uniform {}{}  ->  learned {}{} (step {best_step} of {}; train loss {:.4} -> {:.4})",
-            fmt(uniform.val_loss),
-            acc(uniform.val_accuracy),
-            fmt(learned.val_loss),
-            acc(learned.val_accuracy),
-            args.steps,
-            uniform.train_loss,
-            learned.train_loss
-        );
-        let shown: Vec<String> = adapter_names
-            .iter()
-            .zip(&mean)
-            .map(|(a, w)| format!("{a}: {w:.3}"))
-            .collect();
-        eprintln!("mean learned weights: {}", shown.join(", "));
-        eprintln!(
-            "wrote {} (merged adapter, merge_manifest.json, README.md, weights.svg) in {:.1} s",
-            written.dir.display(),
-            t0.elapsed().as_secs_f64()
-        );
-    }
-    Ok(())
+    report(
+        args,
+        inp.task,
+        &learned,
+        &adapters,
+        &written.dir,
+        t0.elapsed().as_secs_f64(),
+    )
 }

@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use lora_merge::adapter::{Format, ModuleKind};
+use lora_merge::checkpoint::ModelDir;
 use lora_merge::cli::{HeadArg, TrainArgs};
 use lora_merge::compose::math::Factored;
 use lora_merge::compose::merge::MergedModule;
@@ -13,8 +14,8 @@ use lora_merge::data::Task;
 use lora_merge::output::card::{code_span, Card};
 use lora_merge::output::guard::Input;
 use lora_merge::output::manifest::{
-    BaseModelRecord, DataRecord, Manifest, MethodRecord, ModuleRecord, TrainHyperParameters,
-    TrainingRecord,
+    BaseModelRecord, DataRecord, LossPoint, Manifest, MethodRecord, ModuleRecord,
+    TrainHyperParameters, TrainingRecord,
 };
 use lora_merge::output::{peft, writer};
 use lora_merge::rng::Rng;
@@ -50,6 +51,181 @@ impl Objective for NewLora<'_> {
     fn step(&mut self, loss: &Tensor) {
         self.trainer.apply(loss, &mut self.opt);
     }
+}
+
+/// What the training run did.
+struct Run {
+    curve: Vec<LossPoint>,
+    device: String,
+    seconds: f64,
+    params: usize,
+    count: usize,
+    max_len: usize,
+}
+
+/// What `train` ran, for the writer: the manifest's training section, the
+/// card, the PEFT config.
+#[allow(clippy::too_many_arguments)]
+fn contents<'a>(
+    args: &TrainArgs,
+    dir: &ModelDir,
+    task: Task,
+    targets: &[String],
+    modules: &'a [MergedModule],
+    run: &Run,
+    files: Vec<(String, Vec<u8>)>,
+    total_s: f64,
+) -> Result<writer::Contents<'a>> {
+    let curve = &run.curve;
+    let first = curve.first().map_or(f64::NAN, |p| p.train_loss);
+    let last = curve.last().map_or(f64::NAN, |p| p.train_loss);
+    let mut manifest = Manifest::new(
+        MethodRecord {
+            name: "train",
+            rank: Some(args.rank),
+            conv_rank: None,
+            output_format: Format::Peft,
+            dtype: DType::F32,
+            approximate: false,
+            svd_factor_split: None,
+        },
+        BaseModelRecord {
+            name: Some(args.base.clone()),
+            revision: dir.hub.as_ref().map(|h| h.commit.clone()),
+            path: Some(dir.dir.clone()),
+            hub: dir.hub.clone(),
+            architecture: Some(dir.arch.name().to_string()),
+            files: Some(dir.files.clone()),
+        },
+    );
+    manifest.modules = modules
+        .iter()
+        .map(|m| {
+            (
+                m.name.clone(),
+                ModuleRecord {
+                    rank: m.factored.rank,
+                    rel_error: 0.0,
+                    energy: 1.0,
+                    adapters: Vec::new(),
+                },
+            )
+        })
+        .collect();
+    manifest.training = Some(TrainingRecord {
+        task: task.name(),
+        data: DataRecord {
+            path: args.data.clone(),
+            sha256: lora_merge::hash::sha256_file(&args.data)?,
+            count: run.count,
+            train: None,
+            validation: None,
+            indices: None,
+        },
+        hyper_parameters: TrainHyperParameters {
+            rank: args.rank,
+            alpha: args.alpha,
+            target_modules: targets.to_vec(),
+            steps: args.steps,
+            lr: args.lr,
+            head_lr: args.head_lr,
+            batch_size: args.batch_size,
+            max_length: run.max_len,
+            head: (task == Task::Classify).then(|| format!("{:?}", args.head).to_lowercase()),
+            init: "A uniform in +-1/sqrt(in), B zero",
+            optimizer: "adam",
+        },
+        seed: args.seed,
+        device: run.device.clone(),
+        threads: tch::get_num_threads(),
+        trainable_parameters: run.params,
+        loss_curve: curve.clone(),
+        train_seconds: run.seconds,
+    });
+    manifest.timings = [("train_s", run.seconds), ("total_s", total_s)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let card = Card {
+        title: "LoRA adapter".into(),
+        summary: format!(
+            "A LoRA (rank {}, alpha {}, on {}) trained with lora-merge {} on {} examples \
+             (task {}) for {} steps: training loss {first:.4} -> {last:.4}. Written with scale 1 \
+             (`lora_alpha` = rank; the trained alpha/r is folded into `lora_B`).",
+            args.rank,
+            args.alpha,
+            code_span(&targets.join(", ")),
+            env!("CARGO_PKG_VERSION"),
+            run.count,
+            task.name(),
+            args.steps,
+        ),
+        base_model: Some(args.base.clone()),
+        format: "peft",
+        ..Card::default()
+    };
+    Ok(writer::Contents {
+        modules,
+        format: Format::Peft,
+        dtype: DType::F32,
+        config: peft::ConfigFacts {
+            base_model: Some(args.base.clone()),
+            revision: None,
+            task_type: Some(
+                match task {
+                    Task::CausalLm => "CAUSAL_LM",
+                    Task::Classify => "FEATURE_EXTRACTION",
+                }
+                .into(),
+            ),
+            fan_in_fan_out: false,
+            shared_target_modules: Some(json!(targets)),
+        },
+        kohya: None,
+        card,
+        pins: dir
+            .hub
+            .iter()
+            .map(|h| (args.base.clone(), h.pinned.clone()))
+            .collect(),
+        manifest,
+        files,
+    })
+}
+
+/// The result: JSON on stdout, or the curve and a summary on stderr.
+fn report(
+    args: &TrainArgs,
+    task: Task,
+    run: &Run,
+    modules: usize,
+    dir: &std::path::Path,
+    total_s: f64,
+) -> Result<()> {
+    let first = run.curve.first().map_or(f64::NAN, |p| p.train_loss);
+    let last = run.curve.last().map_or(f64::NAN, |p| p.train_loss);
+    if args.json {
+        print_json(&json!({
+            "output": dir,
+            "task": task.name(),
+            "device": run.device,
+            "modules": modules,
+            "trainable_parameters": run.params,
+            "loss_curve": run.curve,
+            "train_seconds": run.seconds,
+        }))?;
+    } else {
+        eprintln!(
+            "{}",
+            curve_table(&run.curve, run.curve.len().saturating_sub(1))
+        );
+        eprintln!(
+            "training loss {first:.4} -> {last:.4}; wrote {} (PEFT adapter, merge_manifest.json, README.md) in {:.1} s",
+            dir.display(),
+            total_s
+        );
+    }
+    Ok(())
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
@@ -188,147 +364,35 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     drop(model);
 
-    let first = curve.first().map_or(f64::NAN, |p| p.train_loss);
-    let last = curve.last().map_or(f64::NAN, |p| p.train_loss);
-    let mut manifest = Manifest::new(
-        MethodRecord {
-            name: "train",
-            rank: Some(args.rank),
-            conv_rank: None,
-            output_format: Format::Peft,
-            dtype: DType::F32,
-            approximate: false,
-            svd_factor_split: None,
-        },
-        BaseModelRecord {
-            name: Some(args.base.clone()),
-            revision: dir.hub.as_ref().map(|h| h.commit.clone()),
-            path: Some(dir.dir.clone()),
-            hub: dir.hub.clone(),
-            architecture: Some(dir.arch.name().to_string()),
-            files: Some(dir.files.clone()),
-        },
-    );
-    manifest.modules = modules
-        .iter()
-        .map(|m| {
-            (
-                m.name.clone(),
-                ModuleRecord {
-                    rank: m.factored.rank,
-                    rel_error: 0.0,
-                    energy: 1.0,
-                    adapters: Vec::new(),
-                },
-            )
-        })
-        .collect();
-    manifest.training = Some(TrainingRecord {
-        task: task.name(),
-        data: DataRecord {
-            path: args.data.clone(),
-            sha256: lora_merge::hash::sha256_file(&args.data)?,
-            count,
-            train: None,
-            validation: None,
-            indices: None,
-        },
-        hyper_parameters: TrainHyperParameters {
-            rank: args.rank,
-            alpha: args.alpha,
-            target_modules: targets.clone(),
-            steps: args.steps,
-            lr: args.lr,
-            head_lr: args.head_lr,
-            batch_size: args.batch_size,
-            max_length: max_len,
-            head: (task == Task::Classify).then(|| format!("{:?}", args.head).to_lowercase()),
-            init: "A uniform in +-1/sqrt(in), B zero",
-            optimizer: "adam",
-        },
-        seed: args.seed,
+    let run = Run {
+        curve,
         device: device_name(dev),
-        threads: tch::get_num_threads(),
-        trainable_parameters: params,
-        loss_curve: curve.clone(),
-        train_seconds: train_s,
-    });
-    manifest.timings = [
-        ("train_s", train_s),
-        ("total_s", t0.elapsed().as_secs_f64()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let card = Card {
-        title: "LoRA adapter".into(),
-        summary: format!(
-            "A LoRA (rank {}, alpha {}, on {}) trained with lora-merge {} on {count} examples \
-             (task {}) for {} steps: training loss {first:.4} -> {last:.4}. Written with scale 1 \
-             (`lora_alpha` = rank; the trained alpha/r is folded into `lora_B`).",
-            args.rank,
-            args.alpha,
-            code_span(&targets.join(", ")),
-            env!("CARGO_PKG_VERSION"),
-            task.name(),
-            args.steps,
-        ),
-        base_model: Some(args.base.clone()),
-        format: "peft",
-        ..Card::default()
+        seconds: train_s,
+        params,
+        count,
+        max_len,
     };
     let mut files = Vec::new();
     if let Some((hw, hb)) = &head {
         files.extend(head_files(&labels, hidden, hw, hb)?);
     }
-    let written = writer::write(
-        &out.dir,
-        writer::Contents {
-            modules: &modules,
-            format: Format::Peft,
-            dtype: DType::F32,
-            config: peft::ConfigFacts {
-                base_model: Some(args.base.clone()),
-                revision: None,
-                task_type: Some(
-                    match task {
-                        Task::CausalLm => "CAUSAL_LM",
-                        Task::Classify => "FEATURE_EXTRACTION",
-                    }
-                    .into(),
-                ),
-                fan_in_fan_out: false,
-                shared_target_modules: Some(json!(targets)),
-            },
-            kohya: None,
-            card,
-            pins: dir
-                .hub
-                .iter()
-                .map(|h| (args.base.clone(), h.pinned.clone()))
-                .collect(),
-            manifest,
-            files,
-        },
+    let c = contents(
+        args,
+        &dir,
+        task,
+        &targets,
+        &modules,
+        &run,
+        files,
+        t0.elapsed().as_secs_f64(),
     )?;
-
-    if args.json {
-        print_json(&json!({
-            "output": written.dir,
-            "task": task.name(),
-            "device": device_name(dev),
-            "modules": modules.len(),
-            "trainable_parameters": params,
-            "loss_curve": curve,
-            "train_seconds": train_s,
-        }))?;
-    } else {
-        eprintln!("{}", curve_table(&curve, curve.len().saturating_sub(1)));
-        eprintln!(
-            "training loss {first:.4} -> {last:.4}; wrote {} (PEFT adapter, merge_manifest.json, README.md) in {:.1} s",
-            written.dir.display(),
-            t0.elapsed().as_secs_f64()
-        );
-    }
-    Ok(())
+    let written = writer::write(&out.dir, c)?;
+    report(
+        args,
+        task,
+        &run,
+        modules.len(),
+        &written.dir,
+        t0.elapsed().as_secs_f64(),
+    )
 }
