@@ -747,3 +747,36 @@ fn numbers_a_file_cannot_hold_are_never_written() {
     let o = run(&["uniform", "--adapters", &s(&big), "-o", &s(&out)]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// Regression: a file name that is not UTF-8 given as -o panicked (the
+/// command line was read as UTF-8 for the manifest). It is written, and the
+/// manifest records the name lossily.
+#[test]
+fn an_output_name_that_is_not_utf8_is_written() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dirs, _, _) = three_adapters(tmp.path());
+    let out = tmp.path().join(std::ffi::OsStr::from_bytes(b"merged-\xff"));
+    let o = common::command(env!("CARGO_BIN_EXE_lora-merge"))
+        .args(["uniform", "--adapters"])
+        .arg(&dirs[0])
+        .arg(&dirs[1])
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(out.join("merge_manifest.json")).unwrap()).unwrap();
+    let last = m["command_line"].as_array().unwrap().last().unwrap();
+    assert!(
+        last.as_str().unwrap().ends_with("merged-\u{fffd}"),
+        "{last}"
+    );
+    let v = common::command(env!("CARGO_BIN_EXE_lora-merge"))
+        .arg("verify")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", stderr(&v));
+}
