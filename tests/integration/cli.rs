@@ -540,23 +540,6 @@ fn bad_inputs_are_refused_with_one_clear_message() {
     assert!(!out.exists());
 }
 
-/// Every file under `dir` with its bytes: a snapshot to prove nothing changed.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.clone(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
-
 /// Regression: `uniform --adapters-file OUT/list.txt -o OUT --force`
 /// deleted the list, and `-o` inside an input adapter folder added a folder
 /// to it. An OUT that is, holds or lies inside an input is refused, with
@@ -571,7 +554,7 @@ fn an_output_that_overlaps_an_input_is_refused_even_with_force() {
     std::fs::write(lists.join("list.txt"), format!("{a}\n{b}\n")).unwrap();
     let link = tmp.path().join("link-to-a");
     std::os::unix::fs::symlink(&dirs[0], &link).unwrap();
-    let before = snapshot(tmp.path());
+    let before = common::snapshot(tmp.path());
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
@@ -634,7 +617,11 @@ fn an_output_that_overlaps_an_input_is_refused_even_with_force() {
             err.contains(why) && err.contains("--force does not change this"),
             "{full:?}: {err}"
         );
-        assert_eq!(snapshot(tmp.path()), before, "{full:?} changed the inputs");
+        assert_eq!(
+            common::snapshot(tmp.path()),
+            before,
+            "{full:?} changed the inputs"
+        );
     }
 }
 

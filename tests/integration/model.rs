@@ -298,23 +298,6 @@ fn bad_inputs_are_refused_with_one_clear_message() {
     );
 }
 
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.insert(path.clone(), std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    out
-}
-
 /// Regression: `train --base ./m -o ./m --force` replaced the base model
 /// with the adapter, and `fit --shots shots/d.jsonl -o shots --force`
 /// deleted the shots; both exited 0. An OUT that is, holds or lies inside
@@ -333,8 +316,8 @@ fn fit_and_train_never_write_over_their_inputs() {
     let shots = shots_dir.join("d.jsonl");
     std::fs::copy(f.join("causal.jsonl"), &shots).unwrap();
     let adapters = fixture_adapters(&f.join("llama"));
-    let before = snapshot(work.path());
-    let adapters_before = snapshot(&f.join("llama").join("adapters"));
+    let before = common::snapshot(work.path());
+    let adapters_before = common::snapshot(&f.join("llama").join("adapters"));
     let train = |out: &Path| {
         vec![
             "train".to_string(),
@@ -383,8 +366,15 @@ fn fit_and_train_never_write_over_their_inputs() {
     ] {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_refused(&args, &[why, "--force does not change this"]);
-        assert_eq!(snapshot(work.path()), before, "{args:?} changed an input");
-        assert_eq!(snapshot(&f.join("llama").join("adapters")), adapters_before);
+        assert_eq!(
+            common::snapshot(work.path()),
+            before,
+            "{args:?} changed an input"
+        );
+        assert_eq!(
+            common::snapshot(&f.join("llama").join("adapters")),
+            adapters_before
+        );
     }
 }
 

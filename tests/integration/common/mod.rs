@@ -101,3 +101,21 @@ pub fn assert_oracle_passed(out: &Output, what: &str, min_checks: usize) {
         "{what}: expected at least {min_checks} passed checks, got {last:?}"
     );
 }
+
+/// Every file under `dir` with its bytes: a snapshot to prove that a run
+/// changed nothing there.
+pub fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
