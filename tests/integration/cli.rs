@@ -767,3 +767,21 @@ fn an_output_name_that_is_not_utf8_is_written() {
         .unwrap();
     assert!(v.status.success(), "{}", stderr(&v));
 }
+
+/// A reader that leaves before the result is written (`lora-merge inspect
+/// A | head -0`) is not an error: exit 0, nothing on stderr.
+#[test]
+fn a_closed_stdout_is_not_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dirs, _, _) = three_adapters(tmp.path());
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = common::command(env!("CARGO_BIN_EXE_lora-merge"))
+        .arg("inspect")
+        .args(&dirs)
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(o.stderr.is_empty(), "{}", stderr(&o));
+}
