@@ -86,3 +86,10 @@ pub fn human_bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+/// A warning on stderr. A closed or broken stderr is not an error: the
+/// warning is dropped and the run goes on.
+pub fn warn(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "warning: {msg}");
+}

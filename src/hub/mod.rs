@@ -2,19 +2,22 @@
 //! (`owner/name@rev`, `hf://owner/name@rev/sub`), downloads into the cache
 //! shared with Python's `huggingface_hub`, offline mode, and `push`.
 //!
-//! The transfers go through `hf-hub` (pinned to 1.0.0, its blocking client):
-//! it speaks the Hub's protocol (revision info, `resolve` with `X-Repo-Commit`
-//! and `ETag`/`X-Linked-Etag`, preupload, LFS batch, ndjson commits) and
-//! writes the cache in Python's layout (`models--owner--name/{blobs,
-//! snapshots/<sha>,refs/<rev>}`, `.incomplete` blobs renamed only when the
-//! body arrived whole). What it leaves to callers, and this module does:
-//! choosing which files to fetch (never pickled weights), `HF_HUB_OFFLINE`
-//! (it does not read that variable), checking that each LFS blob hashes to
-//! its ETag before it is used, and errors that name the repository, the
-//! revision and the file.
+//! Downloads are ours (`http.rs` and `cache.rs`): the revision info and
+//! `resolve` requests, and every write into the cache shared with Python
+//! (`models--owner--name/{blobs,snapshots/<sha>,refs/<rev>}`). A server,
+//! even a hostile one, cannot make us write outside that cache: its names
+//! (ETag, X-Repo-Commit) are checked before they become paths, folders are
+//! made without following links and checked after resolution, and a blob
+//! enters the cache only whole and verified against its name (sha256 for
+//! LFS files, git's blob sha1 for the others). Uploads (`push`) go through
+//! `hf-hub` (pinned to 1.0.0), which speaks the commit and LFS protocols.
+//! This module also decides which files to fetch (never pickled weights),
+//! honours `HF_HUB_OFFLINE`, and names the repository, the revision and
+//! the file in every error.
 //!
-//! The token is passed to the client and to nothing else: it is never
-//! returned, printed, logged or stored.
+//! The token goes only to the endpoint's own origin (scheme, host, port),
+//! on every redirect; it is never returned, printed, logged or stored, and
+//! server text is shown only with it (and control characters) removed.
 
 use std::path::{Path, PathBuf};
 
@@ -408,6 +411,9 @@ fn offline_miss(repo: &str, revision: &str, file: Option<&str>, why: &str) -> Er
     ))
 }
 
+mod cache;
+#[cfg(feature = "hub")]
+mod http;
 #[cfg(feature = "hub")]
 mod net;
 
@@ -519,14 +525,20 @@ fn add_shards(
 
 fn fetch_offline(r: &HubRef, want: Want) -> Result<Snapshot> {
     let revision = r.revision_or_main().to_string();
-    let folder = cache_dir().join(repo_folder(&r.repo));
+    let Some(cache) = cache::RepoCache::open(&r.repo, false)? else {
+        return Err(offline_miss(
+            &r.repo,
+            &revision,
+            None,
+            "the repository was never fetched",
+        ));
+    };
     let commit = if is_commit(&revision) {
         revision.to_ascii_lowercase()
     } else {
-        let ref_file = folder.join("refs").join(&revision);
-        match std::fs::read_to_string(&ref_file) {
-            Ok(s) if is_commit(s.trim()) => s.trim().to_ascii_lowercase(),
-            _ => {
+        match cache.read_ref(&revision) {
+            Some(c) => c,
+            None => {
                 return Err(offline_miss(
                     &r.repo,
                     &revision,
@@ -536,7 +548,7 @@ fn fetch_offline(r: &HubRef, want: Want) -> Result<Snapshot> {
             }
         }
     };
-    let snapshot_root = folder.join("snapshots").join(&commit);
+    let snapshot_root = cache.folder().join("snapshots").join(&commit);
     if !snapshot_root.is_dir() {
         return Err(offline_miss(
             &r.repo,
@@ -566,21 +578,36 @@ fn fetch_offline(r: &HubRef, want: Want) -> Result<Snapshot> {
             )))
         }
     };
-    if files.iter().any(|f| f == MODEL_INDEX) {
-        add_shards(&mut files, &dir.join(MODEL_INDEX), None, "", "")?;
-    }
     let mut found = Vec::new();
-    for f in &files {
-        let p = dir.join(f);
-        if !p.is_file() {
-            return Err(offline_miss(
-                &r.repo,
-                &revision,
-                Some(&format!("{prefix}{f}")),
-                &format!("not in the snapshot of commit {commit}"),
-            ));
+    let mut i = 0;
+    while i < files.len() {
+        let f = files[i].clone();
+        let in_repo = format!("{prefix}{f}");
+        let p = cache.entry(&commit, &in_repo)?;
+        match cache.check_entry(&p)? {
+            cache::Cached::Good => {}
+            cache::Cached::Missing => {
+                return Err(offline_miss(
+                    &r.repo,
+                    &revision,
+                    Some(&in_repo),
+                    &format!("not in the snapshot of commit {commit}"),
+                ))
+            }
+            cache::Cached::Bad(why) => {
+                return Err(offline_miss(
+                    &r.repo,
+                    &revision,
+                    Some(&in_repo),
+                    &format!("the cached copy was unusable ({why}) and was removed"),
+                ))
+            }
+        }
+        if f == MODEL_INDEX {
+            add_shards(&mut files, &p, None, "", "")?;
         }
         found.push(p);
+        i += 1;
     }
     Ok(Snapshot {
         repo: r.repo.clone(),

@@ -9,7 +9,16 @@ use hf_hub::repository::CommitOperation;
 use hf_hub::{HFClientSync, HFError, HFRepositorySync, RepoTypeModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::cache::{self, Cached, RepoCache};
+use super::http::{self, header, Http, Status};
 use super::*;
+
+fn same_origin(a: &str, b: &str) -> bool {
+    match (reqwest::Url::parse(a), reqwest::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
+    }
+}
 
 fn client(token: Option<String>) -> Result<HFClientSync> {
     let mut b = hf_hub::HFClientBuilder::new()
@@ -20,9 +29,10 @@ fn client(token: Option<String>) -> Result<HFClientSync> {
             env!("CARGO_PKG_NAME"),
             env!("CARGO_PKG_VERSION")
         ))
-        // Failures are reported, not retried for minutes.
-        .retry_max_attempts(2)
-        .retry_base_delay(std::time::Duration::from_millis(200));
+        // Only pushes go through this client. No retries: a commit POST
+        // that timed out may have landed, and sending it again would make a
+        // second commit; a failure is reported for the user to decide.
+        .retry_max_attempts(0);
     if let Some(t) = token {
         b = b.token(t);
     }
@@ -38,7 +48,7 @@ fn repo_handle(client: &HFClientSync, repo: &str) -> HFRepositorySync<RepoTypeMo
 /// Turn a client error into ours, naming the repository, the revision and
 /// the file, and saying what to do. Never includes the token (the client's
 /// errors carry the URL, status and the server's message only).
-fn hub_error(e: HFError, repo: &str, revision: &str, file: Option<&str>) -> Error {
+fn hub_error(e: HFError, token: &str, repo: &str, revision: &str, file: Option<&str>) -> Error {
     let at = match file {
         Some(f) => format!("{repo}@{revision}: {f}"),
         None => format!("{repo}@{revision}"),
@@ -85,7 +95,11 @@ fn hub_error(e: HFError, repo: &str, revision: &str, file: Option<&str>) -> Erro
                 )),
             }
         }
-        _ => Error::Network(format!("{at}: {e}")),
+        // The server's own text: no token, no control characters.
+        _ => Error::Network(format!(
+            "{at}: {}",
+            http::clean(&e.to_string(), Some(token))
+        )),
     }
 }
 
@@ -139,43 +153,106 @@ impl ProgressHandler for Bars {
     }
 }
 
+#[derive(serde::Deserialize)]
+struct RepoInfo {
+    sha: Option<String>,
+    #[serde(default)]
+    siblings: Vec<Sibling>,
+}
+
+#[derive(serde::Deserialize)]
+struct Sibling {
+    rfilename: String,
+}
+
+/// The error for a failed answer about `repo` at `revision` (and `file`).
+fn status_error(s: &Status, repo: &str, revision: &str, file: Option<&str>) -> Error {
+    let at = match file {
+        Some(f) => format!("{repo}@{revision}: {f}"),
+        None => format!("{repo}@{revision}"),
+    };
+    let not_found = |code: &str| match code {
+        "RevisionNotFound" => Some(Error::Hub(format!(
+            "{at}: no revision {revision:?} in {repo} (a revision is a branch, a tag or a full \
+             commit sha)"
+        ))),
+        "RepoNotFound" => Some(Error::Hub(format!(
+            "{at}: no such repository on {} (check the name; a private repository needs a token)",
+            endpoint()
+        ))),
+        "EntryNotFound" => Some(Error::Hub(format!(
+            "{at}: no such file in the repository at this revision"
+        ))),
+        "GatedRepo" => Some(Error::Hub(format!(
+            "{at}: the repository is gated: accept its conditions on its Hub page, then set \
+             HF_TOKEN to a token of that account"
+        ))),
+        _ => None,
+    };
+    match s.code {
+        // As the Hub answers for a private repository read without a token.
+        401 if s.error_code.as_deref() == Some("RepoNotFound") => Error::Hub(format!(
+            "{at}: the Hub refused the request (401 unauthorized): no such repository on {}, \
+             or it is private or gated and needs a token; set HF_TOKEN (or run `hf auth \
+             login`) with a token that can read it",
+            endpoint()
+        )),
+        401 => not_found(s.error_code.as_deref().unwrap_or("")).unwrap_or_else(|| {
+            Error::Hub(format!(
+                "{at}: the Hub refused the request (401 unauthorized): the repository may be \
+                 private or gated, or the token is invalid; set HF_TOKEN (or run `hf auth \
+                 login`) with a token that can read it"
+            ))
+        }),
+        403 => not_found(s.error_code.as_deref().unwrap_or("")).unwrap_or_else(|| {
+            Error::Hub(format!(
+                "{at}: the Hub refused the request (403 forbidden): the repository may be gated; \
+                 check the token's permissions"
+            ))
+        }),
+        404 => not_found(s.error_code.as_deref().unwrap_or(if file.is_some() {
+            "EntryNotFound"
+        } else {
+            "RepoNotFound"
+        }))
+        .unwrap_or_else(|| Error::Hub(format!("{at}: not found ({})", s.describe()))),
+        _ => Error::Network(format!(
+            "{at}: the server answered {}; nothing was kept (run again later)",
+            s.describe()
+        )),
+    }
+}
+
 pub(super) fn fetch_online(r: &HubRef, want: Want) -> Result<Snapshot> {
     let revision = r.revision_or_main().to_string();
-    let client = client(find_token().map(|(t, _)| t))?;
-    let repo = repo_handle(&client, &r.repo);
-    let info = repo
-        .info()
-        .revision(revision.clone())
-        .send()
-        .map_err(|e| hub_error(e, &r.repo, &revision, None))?;
+    let http = Http::new(find_token().map(|(t, _)| t))?;
+    let (owner, name) = r.repo.split_once('/').unwrap_or(("", &r.repo));
+    let at = format!("{}@{revision}", r.repo);
+    let info: RepoInfo = http.json(
+        http.url(&["api", "models", owner, name, "revision", &revision]),
+        &at,
+        |s| status_error(s, &r.repo, &revision, None),
+    )?;
     let commit = info
         .sha
         .filter(|s| is_commit(s))
         .ok_or_else(|| {
             Error::Network(format!(
-                "{}@{revision}: the Hub did not say which commit this revision is",
-                r.repo
+                "{at}: the Hub did not say which commit this revision is"
             ))
         })?
         .to_ascii_lowercase();
     if is_commit(&revision) && !revision.eq_ignore_ascii_case(&commit) {
         return Err(Error::Network(format!(
-            "{}@{revision}: the Hub answered with commit {commit}",
-            r.repo
+            "{at}: the Hub answered with commit {commit}"
         )));
     }
-    let all: Vec<String> = info
-        .siblings
-        .unwrap_or_default()
-        .into_iter()
-        .map(|s| s.rfilename)
-        .collect();
+    let all: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let (prefix, file) = split_path(r, want, |p| all.iter().any(|f| f == p));
     let listing: Vec<String> = all
         .iter()
         .filter_map(|f| f.strip_prefix(prefix.as_str()).map(str::to_string))
         .collect();
-    let at = format!("{}@{revision}", r.repo);
     let (mut files, weights) = match choose(want, &listing, file.as_deref()) {
         Choice::Files { files, weights } => (files, weights),
         Choice::Missing(f) => {
@@ -194,36 +271,24 @@ pub(super) fn fetch_online(r: &HubRef, want: Want) -> Result<Snapshot> {
         Choice::Refused(why) => return Err(Error::Hub(format!("{at}{}: {why}", slash(&prefix)))),
     };
 
-    let snapshot_root = cache_dir()
-        .join(repo_folder(&r.repo))
-        .join("snapshots")
-        .join(&commit);
-    let dir = snapshot_root.join(prefix.trim_end_matches('/'));
+    let cache = RepoCache::open(&r.repo, true)?.expect("created");
     let mut fetched = Vec::new();
     let mut i = 0;
     while i < files.len() {
         let f = files[i].clone();
         let in_repo = format!("{prefix}{f}");
-        let cached = snapshot_root.join(&in_repo).is_file();
-        let bar = Bars::new(format!("{}/{in_repo}", r.repo));
-        // Fetched by commit, so every file comes from the same one even if
-        // the branch moves meanwhile.
-        let path = repo
-            .download_file()
-            .filename(in_repo.clone())
-            .revision(commit.clone())
-            .progress(hf_hub::progress::Progress::new(bar))
-            .send()
-            .map_err(|e| hub_error(e, &r.repo, &revision, Some(&in_repo)))?;
-        if !path.starts_with(&snapshot_root) {
-            return Err(Error::Network(format!(
-                "{at}: {in_repo}: the Hub served it from another commit than {commit}"
-            )));
-        }
-        if !cached {
-            // Once, when it arrives: base model shards run to gigabytes.
-            check_blob(&path, &r.repo, &revision, &in_repo)?;
-        }
+        let entry = cache.entry(&commit, &in_repo)?;
+        // A commit's files never change: a verified entry needs no network.
+        let path = match cache.check_entry(&entry)? {
+            Cached::Good => entry,
+            Cached::Missing => download(&http, &cache, r, &revision, &commit, &in_repo)?,
+            Cached::Bad(why) => {
+                crate::ui::warn(&format!(
+                    "{at}: {in_repo}: the cached copy was unusable ({why}); fetching it again"
+                ));
+                download(&http, &cache, r, &revision, &commit, &in_repo)?
+            }
+        };
         if f == MODEL_INDEX {
             add_shards(&mut files, &path, Some(&listing), &at, &prefix)?;
         }
@@ -233,13 +298,13 @@ pub(super) fn fetch_online(r: &HubRef, want: Want) -> Result<Snapshot> {
     // As huggingface_hub does: remember which commit a branch or tag named,
     // so that offline runs (ours and Python's) find it.
     if !is_commit(&revision) {
-        let refs = cache_dir().join(repo_folder(&r.repo)).join("refs");
-        let ref_file = refs.join(&revision);
-        if let Some(parent) = ref_file.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        write_ref(&ref_file, &commit)?;
+        cache.write_ref(&revision, &commit)?;
     }
+    let dir = cache
+        .folder()
+        .join("snapshots")
+        .join(&commit)
+        .join(prefix.trim_end_matches('/'));
     Ok(Snapshot {
         repo: r.repo.clone(),
         revision,
@@ -250,9 +315,84 @@ pub(super) fn fetch_online(r: &HubRef, want: Want) -> Result<Snapshot> {
     })
 }
 
+/// Download `file` of `r` at `commit` into the cache and link it into the
+/// snapshot. Every name the server supplies is checked before it is used,
+/// and only whole, verified bytes are kept.
+fn download(
+    http: &Http,
+    cache: &RepoCache,
+    r: &HubRef,
+    revision: &str,
+    commit: &str,
+    file: &str,
+) -> Result<PathBuf> {
+    let at = format!("{}@{revision}: {file}", r.repo);
+    let (owner, name) = r.repo.split_once('/').unwrap_or(("", &r.repo));
+    let mut segments = vec![owner, name, "resolve", commit];
+    segments.extend(file.split('/'));
+    let got = http.get(http.url(&segments), &at)?;
+    if !got.resp.status().is_success() {
+        return Err(status_error(
+            &http.status(got),
+            &r.repo,
+            revision,
+            Some(file),
+        ));
+    }
+    if got.resp.status().as_u16() != 200 {
+        return Err(Error::Network(format!(
+            "{at}: the server answered {} where 200 was expected; nothing was kept",
+            got.resp.status().as_u16()
+        )));
+    }
+    match header(&got.hub, "x-repo-commit") {
+        Some(c) if c.eq_ignore_ascii_case(commit) => {}
+        Some(c) => {
+            return Err(Error::Network(format!(
+                "{at}: the server says it sent commit {:?}, not the {commit} asked for; refused",
+                http.clean(c)
+            )))
+        }
+        None => {
+            return Err(Error::Network(format!(
+                "{at}: the server did not say which commit it sent (no X-Repo-Commit); \
+                 refused: is HF_ENDPOINT a Hub?"
+            )))
+        }
+    }
+    let etag = header(&got.hub, "x-linked-etag").or_else(|| header(&got.hub, "etag"));
+    let Some(blob) = etag.and_then(cache::blob_name) else {
+        return Err(Error::Network(format!(
+            "{at}: the server named the file {:?}, which is not a 40- or 64-digit hex hash; \
+             refused before anything was written",
+            http.clean(etag.unwrap_or(""))
+        )));
+    };
+    let size = match header(&got.hub, "x-linked-size") {
+        Some(s) => s.parse::<u64>().ok(),
+        None => got.resp.content_length(),
+    };
+    let Some(size) = size else {
+        return Err(Error::Network(format!(
+            "{at}: the server did not say the file's size; refused"
+        )));
+    };
+    if let Some(n) = got.resp.content_length().filter(|n| *n != size) {
+        return Err(Error::Network(format!(
+            "{at}: the server announced {size} bytes and sends {n}; refused"
+        )));
+    }
+    let bar = Bars::new(format!("{}/{file}", r.repo));
+    bar.bar.set_length(size);
+    let mut body = got.resp;
+    cache.store_blob(&blob, size, &mut body, &|n| bar.bar.set_position(n), &at)?;
+    bar.bar.finish_and_clear();
+    cache.link(commit, file, &blob)
+}
+
 pub(super) fn push(req: &PushRequest, token: String) -> Result<Pushed> {
-    let client = client(Some(token))?;
-    let at = |e: HFError| hub_error(e, req.repo, req.revision, None);
+    let client = client(Some(token.clone()))?;
+    let at = |e: HFError| hub_error(e, &token, req.repo, req.revision, None);
     client
         .create_repository()
         .repo_id(req.repo)
@@ -299,46 +439,18 @@ pub(super) fn push(req: &PushRequest, token: String) -> Result<Pushed> {
                 req.repo, req.revision
             ))
         })?;
+    // Only a link on the endpoint's own origin is shown: a server cannot
+    // send the user elsewhere through our output.
+    let ours = format!("{}/{}/commit/{commit}", endpoint(), req.repo);
     let url = info
         .commit_url
         .clone()
-        .unwrap_or_else(|| format!("{}/{}/commit/{commit}", endpoint(), req.repo));
+        .filter(|u| same_origin(u, &ours) && !u.chars().any(char::is_control))
+        .unwrap_or(ours);
     Ok(Pushed {
         repo: req.repo.to_string(),
         revision: req.revision.to_string(),
         commit,
         url,
     })
-}
-
-/// An LFS blob is named by the sha256 of its content. One that does not hash
-/// to its name (a cut-short transfer that a server did not report, a
-/// tampered cache) is removed along with its snapshot link, never used.
-fn check_blob(link: &Path, repo: &str, revision: &str, file: &str) -> Result<()> {
-    let target = std::fs::canonicalize(link).map_err(|e| Error::io(link, e))?;
-    let Some(name) = target.file_name().and_then(|n| n.to_str()) else {
-        return Ok(());
-    };
-    if name.len() != 64 || !name.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Ok(()); // a git blob sha1: not a content hash we can check cheaply
-    }
-    let got = crate::hash::sha256_file(&target)?;
-    if got != name.to_ascii_lowercase() {
-        let _ = std::fs::remove_file(link);
-        let _ = std::fs::remove_file(&target);
-        return Err(Error::Hub(format!(
-            "{repo}@{revision}: {file}: the downloaded file does not match its sha256 \
-             ({got}, expected {name}); it was removed from the cache, run again to fetch it afresh"
-        )));
-    }
-    Ok(())
-}
-
-/// Write a ref file whole or not at all: a temp file beside it, renamed.
-fn write_ref(path: &Path, commit: &str) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
-    std::io::Write::write_all(&mut tmp, commit.as_bytes()).map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
 }

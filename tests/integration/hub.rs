@@ -13,19 +13,19 @@ use std::process::{Command, Output};
 use common::hub_server::{Fault, HubServer};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_lora-merge");
-const TOKEN: &str = "hf_testtoken_Zq8vX2kLm9Rw4Tn7";
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_lora-merge");
+pub(crate) const TOKEN: &str = "hf_testtoken_Zq8vX2kLm9Rw4Tn7";
 
 /// A clean Hub environment: its own HF_HOME and cache, the server as
 /// HF_ENDPOINT, and nothing inherited from the person running the tests.
-struct Env {
+pub(crate) struct Env {
     _tmp: tempfile::TempDir,
-    root: PathBuf,
+    pub(crate) root: PathBuf,
     endpoint: String,
 }
 
 impl Env {
-    fn new(server: &HubServer) -> Env {
+    pub(crate) fn new(server: &HubServer) -> Env {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         std::fs::create_dir_all(root.join("home")).unwrap();
@@ -35,10 +35,10 @@ impl Env {
             endpoint: server.url.clone(),
         }
     }
-    fn cache(&self) -> PathBuf {
+    pub(crate) fn cache(&self) -> PathBuf {
         self.root.join("cache")
     }
-    fn cmd(&self, program: &Path, token: Option<&str>, offline: bool) -> Command {
+    pub(crate) fn cmd(&self, program: &Path, token: Option<&str>, offline: bool) -> Command {
         let mut c = common::command(program);
         c.env("HF_ENDPOINT", &self.endpoint)
             .env("HF_HOME", self.root.join("home"))
@@ -61,21 +61,21 @@ impl Env {
         }
         c
     }
-    fn run(&self, args: &[&str], token: Option<&str>, offline: bool) -> Output {
+    pub(crate) fn run(&self, args: &[&str], token: Option<&str>, offline: bool) -> Output {
         self.cmd(Path::new(BIN), token, offline)
             .args(args)
             .output()
             .expect("run lora-merge")
     }
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
-    fn s(&self, name: &str) -> String {
+    pub(crate) fn s(&self, name: &str) -> String {
         self.path(name).to_str().unwrap().to_string()
     }
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -83,12 +83,12 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn ok(o: &Output, what: &str) {
+pub(crate) fn ok(o: &Output, what: &str) {
     assert!(o.status.success(), "{what} failed:\n{}", text(o));
 }
 
 /// Exit status 1, and the output says every one of `needles`.
-fn assert_refused(o: &Output, needles: &[&str]) {
+pub(crate) fn assert_refused(o: &Output, needles: &[&str]) {
     let t = text(o);
     assert_eq!(o.status.code(), Some(1), "{t}");
     for n in needles {
@@ -96,7 +96,7 @@ fn assert_refused(o: &Output, needles: &[&str]) {
     }
 }
 
-fn fixture(name: &str) -> String {
+pub(crate) fn fixture(name: &str) -> String {
     common::repo()
         .join("fixtures/adapters")
         .join(name)
@@ -121,7 +121,13 @@ fn files_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 /// Merge `inputs` locally into `out` and push it to `repo`; returns the
 /// commit `push --json` reported.
-fn merge_and_push(env: &Env, server: &HubServer, inputs: &[&str], out: &str, repo: &str) -> String {
+pub(crate) fn merge_and_push(
+    env: &Env,
+    server: &HubServer,
+    inputs: &[&str],
+    out: &str,
+    repo: &str,
+) -> String {
     let mut args = vec!["uniform", "--adapters"];
     args.extend_from_slice(inputs);
     let out_s = env.s(out);

@@ -11,6 +11,8 @@ mod cli;
 #[cfg(feature = "torch")]
 mod fewshot;
 #[cfg(feature = "hub")]
+mod hostile;
+#[cfg(feature = "hub")]
 mod hub;
 mod interop;
 mod layering;

@@ -74,6 +74,43 @@ pub enum Fault {
     /// GET of a file whose path ends with this: all the bytes, one of them
     /// wrong (what a broken proxy or disk would do).
     Corrupt(String),
+    // A hostile server (issue: a mirror must not touch anything outside
+    // the cache). `file` is a path suffix, as above.
+    /// ETag and X-Linked-Etag set to `value` (a path, say).
+    Etag {
+        file: String,
+        value: String,
+    },
+    /// X-Repo-Commit set to `value`; with `status` 404 the answer is the
+    /// Hub's EntryNotFound carrying that header.
+    Commit {
+        file: String,
+        value: String,
+        status: u16,
+    },
+    /// An error page with this status and body instead of the file.
+    Status {
+        file: String,
+        status: u16,
+        body: String,
+    },
+    /// X-Linked-Size says half the real size; the body is sent whole with
+    /// no Content-Length (ends when the connection closes).
+    LyingSize(String),
+    /// 302 to `location`, with the Hub's headers for the file (as the Hub
+    /// redirects LFS files to its CDN).
+    Redirect {
+        file: String,
+        location: String,
+    },
+    /// Every request is read and never answered (for 30 s).
+    Silent,
+    /// The revision info answer padded to about this many bytes.
+    HugeInfo(usize),
+    /// The commit answer names this commitUrl.
+    CommitUrl(String),
+    /// The commit POST fails with a 500.
+    CommitFails,
 }
 
 #[derive(Default)]
@@ -105,6 +142,8 @@ struct Response {
     body: Vec<u8>,
     /// Send only this many body bytes, then close (a cut-short transfer).
     truncate: Option<usize>,
+    /// No Content-Length: the body ends when the connection closes.
+    no_length: bool,
 }
 
 impl Response {
@@ -114,6 +153,7 @@ impl Response {
             headers: vec![("Content-Type".into(), "application/json".into())],
             body: serde_json::to_vec(&v).unwrap(),
             truncate: None,
+            no_length: false,
         }
     }
     fn error(status: u16, code: Option<&str>, msg: &str) -> Response {
@@ -290,6 +330,11 @@ fn serve(stream: TcpStream, state: &Mutex<State>, base: &str, token: &str) -> st
     let resp = {
         let mut st = state.lock().unwrap();
         st.log.push(format!("{} {}", req.method, req.path));
+        if st.fault == Some(Fault::Silent) {
+            drop(st);
+            std::thread::sleep(std::time::Duration::from_secs(30));
+            return Ok(());
+        }
         route(&req, &mut st, base, token)
     };
     let mut out = stream;
@@ -297,10 +342,11 @@ fn serve(stream: TcpStream, state: &Mutex<State>, base: &str, token: &str) -> st
     for (k, v) in &resp.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
-    if !resp
-        .headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+    if !resp.no_length
+        && !resp
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
     {
         head.push_str(&format!("Content-Length: {}\r\n", resp.body.len()));
     }
@@ -514,7 +560,12 @@ fn info(st: &State, id: &str, rev: &str, base: &str) -> Response {
         Err(not_found) => return not_found,
     };
     let tree = &repo.commits[&sha];
-    let siblings: Vec<Value> = tree.keys().map(|k| json!({ "rfilename": k })).collect();
+    let mut siblings: Vec<Value> = tree.keys().map(|k| json!({ "rfilename": k })).collect();
+    if let Some(Fault::HugeInfo(n)) = &st.fault {
+        for i in 0..n / 40 {
+            siblings.push(json!({ "rfilename": format!("padding/{i:020}.txt") }));
+        }
+    }
     Response::json(
         200,
         json!({
@@ -594,6 +645,7 @@ fn resolve(req: &Request, st: &State, id: &str, rev: &str, file: &str) -> Respon
         ],
         body,
         truncate: None,
+        no_length: false,
     };
     if blob.lfs {
         r.headers
@@ -605,6 +657,61 @@ fn resolve(req: &Request, st: &State, id: &str, rev: &str, file: &str) -> Respon
             "Content-Range".into(),
             format!("bytes {start}-{}/{total}", total.saturating_sub(1)),
         ));
+    }
+    match &st.fault {
+        Some(Fault::Etag { file: f, value }) if file.ends_with(f.as_str()) => {
+            r.headers
+                .retain(|(k, _)| k != "ETag" && k != "X-Linked-Etag");
+            r.headers.push(("ETag".into(), value.clone()));
+            if blob.lfs {
+                r.headers.push(("X-Linked-Etag".into(), value.clone()));
+            }
+        }
+        Some(Fault::Commit {
+            file: f,
+            value,
+            status,
+        }) if file.ends_with(f.as_str()) => {
+            if *status == 404 {
+                return Response::error(
+                    404,
+                    Some("EntryNotFound"),
+                    &format!("{file} does not exist"),
+                )
+                .header("X-Repo-Commit", value.clone());
+            }
+            r.headers.retain(|(k, _)| k != "X-Repo-Commit");
+            r.headers.push(("X-Repo-Commit".into(), value.clone()));
+        }
+        Some(Fault::Status {
+            file: f,
+            status,
+            body,
+        }) if file.ends_with(f.as_str()) => {
+            let mut e = Response::error(*status, None, "error");
+            e.headers.retain(|(k, _)| k != "X-Error-Message");
+            e.headers.retain(|(k, _)| k != "Content-Type");
+            e.headers.push(("Content-Type".into(), "text/html".into()));
+            e.headers.push(("X-Repo-Commit".into(), sha.clone()));
+            e.body = body.as_bytes().to_vec();
+            return e;
+        }
+        Some(Fault::LyingSize(f)) if file.ends_with(f.as_str()) => {
+            r.headers.retain(|(k, _)| k != "X-Linked-Size");
+            r.headers
+                .push(("X-Linked-Size".into(), (total / 2).to_string()));
+            r.no_length = true;
+        }
+        Some(Fault::Redirect { file: f, location }) if file.ends_with(f.as_str()) => {
+            r.status = 302;
+            r.body.clear();
+            r.headers.retain(|(k, _)| k != "Content-Type");
+            r.headers.push(("Location".into(), location.clone()));
+            if !blob.lfs {
+                r.headers.push(("X-Linked-Size".into(), total.to_string()));
+            }
+        }
+        _ => {}
     }
     if req.method == "GET" {
         match &st.fault {
@@ -692,6 +799,9 @@ fn lfs_batch(req: &Request, st: &State, id: &str, base: &str) -> Response {
 }
 
 fn commit(req: &Request, st: &mut State, id: &str, rev: &str, base: &str) -> Response {
+    if st.fault == Some(Fault::CommitFails) {
+        return Response::error(500, None, "Internal Error");
+    }
     let create_pr = req
         .query
         .get("create_pr")
@@ -778,10 +888,18 @@ fn commit(req: &Request, st: &mut State, id: &str, rev: &str, base: &str) -> Res
         return Response::error(400, None, "the commit needs a summary");
     }
     let sha = new_sha(st, &format!("{id}/{parent}/{summary}"));
+    st.repos
+        .get_mut(id)
+        .unwrap()
+        .commits
+        .insert(sha.clone(), tree);
+    let commit_url = match &st.fault {
+        Some(Fault::CommitUrl(u)) => u.clone(),
+        _ => format!("{base}/{id}/commit/{sha}"),
+    };
     let repo = st.repos.get_mut(id).unwrap();
-    repo.commits.insert(sha.clone(), tree);
     let mut out = json!({
-        "success": true, "commitOid": sha, "commitUrl": format!("{base}/{id}/commit/{sha}"),
+        "success": true, "commitOid": sha, "commitUrl": commit_url,
         "hookOutput": "",
     });
     if create_pr {
@@ -803,4 +921,58 @@ fn create_branch(st: &mut State, id: &str, name: &str) -> Response {
     let head = repo.refs["main"].clone();
     repo.refs.insert(name.to_string(), head);
     Response::json(200, json!({}))
+}
+
+/// A plain server on another port (another origin): answers every GET with
+/// `body` and records each request's headers, to see what a client sends
+/// to a host the Hub redirects it to.
+pub struct Plain {
+    pub url: String,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Plain {
+    pub fn start(body: Vec<u8>) -> Plain {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let Some(req) = read_request(&mut reader) else {
+                    continue;
+                };
+                let mut headers: Vec<String> = req
+                    .headers
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect();
+                headers.sort();
+                log.lock().unwrap().push(format!(
+                    "{} {}\n{}",
+                    req.method,
+                    req.path,
+                    headers.join("\n")
+                ));
+                let mut out = stream;
+                let _ = out.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+                let _ = out.write_all(&body);
+                let _ = out.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        Plain { url, seen }
+    }
+
+    /// Every request so far: its line and its headers.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
 }
