@@ -219,6 +219,58 @@ impl Http {
         on_status: impl Fn(&Status) -> Error,
     ) -> Result<T> {
         let f = self.get(url, at)?;
+        self.parse(f, at, on_status)
+    }
+
+    /// A request to `url`, with the token when `token` is asked for and the
+    /// URL is on the endpoint's origin (never elsewhere).
+    pub(super) fn request(
+        &self,
+        method: reqwest::Method,
+        url: Url,
+        token: bool,
+    ) -> reqwest::blocking::RequestBuilder {
+        let same = self.same_origin(&url);
+        let mut rb = self.client.request(method, url);
+        if token && same {
+            if let Some(t) = &self.token {
+                rb = rb.bearer_auth(t);
+            }
+        }
+        rb
+    }
+
+    /// Send a request that changes something (an upload, a commit): once,
+    /// never repeated, never redirected; waits up to `wait` for the answer.
+    pub(super) fn send_once(
+        &self,
+        rb: reqwest::blocking::RequestBuilder,
+        wait: Duration,
+        at: &str,
+    ) -> Result<Fetched> {
+        let resp = rb
+            .timeout(wait)
+            .send()
+            .map_err(|e| self.send_error(e, at))?;
+        if resp.status().is_redirection() {
+            return Err(Error::Network(format!(
+                "{at}: the server answered with a redirect ({}) where it should have taken \
+                 the request; not followed",
+                resp.status().as_u16()
+            )));
+        }
+        let hub = resp.headers().clone();
+        Ok(Fetched { resp, hub })
+    }
+
+    /// The JSON body of a 2xx answer (at most MAX_JSON bytes); any other
+    /// answer becomes `on_status`'s error.
+    pub(super) fn parse<T: serde::de::DeserializeOwned>(
+        &self,
+        f: Fetched,
+        at: &str,
+        on_status: impl Fn(&Status) -> Error,
+    ) -> Result<T> {
         if !f.resp.status().is_success() {
             return Err(on_status(&self.status(f)));
         }

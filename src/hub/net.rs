@@ -1,17 +1,20 @@
-//! The network half of the Hub support: downloads and uploads through the
-//! `hf-hub` client. Built only with the `hub` feature (on by default);
+//! The network half of the Hub support: downloads (http.rs, cache.rs) and
+//! pushes (repository and branch creation through `hf-hub`, the commit
+//! and its LFS uploads ours). Built only with the `hub` feature (on by default);
 //! without it, lora-merge still reads the Hub cache (see `fetch`).
 
 use std::io::IsTerminal;
 
-use hf_hub::progress::{DownloadEvent, ProgressEvent, ProgressHandler, UploadEvent};
-use hf_hub::repository::CommitOperation;
 use hf_hub::{HFClientSync, HFError, HFRepositorySync, RepoTypeModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::cache::{self, Cached, RepoCache};
 use super::http::{self, header, Http, Status};
 use super::*;
+
+use std::io::Read;
+
+use base64::Engine;
 
 fn same_origin(a: &str, b: &str) -> bool {
     match (reqwest::Url::parse(a), reqwest::Url::parse(b)) {
@@ -125,31 +128,6 @@ impl Bars {
             ProgressBar::hidden()
         };
         Bars { bar }
-    }
-}
-
-impl ProgressHandler for Bars {
-    fn on_progress(&self, event: &ProgressEvent) {
-        match event {
-            ProgressEvent::Download(DownloadEvent::Start { total_bytes, .. })
-            | ProgressEvent::Upload(UploadEvent::Start { total_bytes, .. }) => {
-                self.bar.set_length(*total_bytes)
-            }
-            ProgressEvent::Download(DownloadEvent::Progress { files }) => {
-                if let Some(f) = files.first() {
-                    self.bar.set_position(f.bytes_completed);
-                }
-            }
-            ProgressEvent::Download(DownloadEvent::AggregateProgress {
-                bytes_completed, ..
-            })
-            | ProgressEvent::Upload(UploadEvent::Progress {
-                bytes_completed, ..
-            }) => self.bar.set_position(*bytes_completed),
-            ProgressEvent::Upload(UploadEvent::Committing) => self.bar.set_message("committing"),
-            ProgressEvent::Download(DownloadEvent::Complete)
-            | ProgressEvent::Upload(UploadEvent::Complete) => self.bar.finish_and_clear(),
-        }
     }
 }
 
@@ -414,21 +392,8 @@ pub(super) fn push(req: &PushRequest, token: String) -> Result<Pushed> {
             .send()
             .map_err(at)?;
     }
-    let ops: Vec<CommitOperation> = req
-        .files
-        .iter()
-        .map(|f| CommitOperation::add_file(f.clone(), req.dir.join(f)))
-        .collect();
-    let bar = Bars::new(format!("pushing {}", req.repo));
-    let info = repo
-        .create_commit()
-        .operations(ops)
-        .commit_message(req.message)
-        .revision(req.revision)
-        .create_pr(req.create_pr)
-        .progress(hf_hub::progress::Progress::new(bar))
-        .send()
-        .map_err(at)?;
+    let http = Http::new(Some(token.clone()))?;
+    let info = commit_files(&http, req)?;
     let commit = info
         .commit_oid
         .clone()
@@ -438,7 +403,8 @@ pub(super) fn push(req: &PushRequest, token: String) -> Result<Pushed> {
                 "{}@{}: the Hub accepted the commit but did not say its id",
                 req.repo, req.revision
             ))
-        })?;
+        })?
+        .to_ascii_lowercase();
     // Only a link on the endpoint's own origin is shown: a server cannot
     // send the user elsewhere through our output.
     let ours = format!("{}/{}/commit/{commit}", endpoint(), req.repo);
@@ -453,4 +419,298 @@ pub(super) fn push(req: &PushRequest, token: String) -> Result<Pushed> {
         commit,
         url,
     })
+}
+
+// ---------------------------------------------------------------------------
+// The commit: preupload, Git LFS basic transfer, one ndjson commit
+// ---------------------------------------------------------------------------
+
+/// How long an upload or a commit may take to be answered once sent.
+const UPLOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// A single PUT of Git LFS's basic transfer (to S3 on the real Hub) takes
+/// at most this much.
+const MAX_BASIC_PUT: u64 = 5 << 30;
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CommitAnswer {
+    commit_oid: Option<String>,
+    commit_url: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PreuploadFile {
+    path: String,
+    upload_mode: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Preupload {
+    files: Vec<PreuploadFile>,
+}
+
+#[derive(serde::Deserialize)]
+struct Batch {
+    transfer: Option<String>,
+    objects: Vec<BatchObject>,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchObject {
+    oid: String,
+    actions: Option<BatchActions>,
+    error: Option<BatchError>,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchActions {
+    upload: Option<BatchAction>,
+    verify: Option<BatchAction>,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchAction {
+    href: String,
+    #[serde(default)]
+    header: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchError {
+    code: Option<i64>,
+    message: Option<String>,
+}
+
+struct Upload {
+    path: String,
+    file: PathBuf,
+    size: u64,
+    lfs: Option<String>,
+}
+
+/// Upload `req.files` in one commit, as huggingface_hub does without Xet:
+/// ask the Hub which files go through LFS (`preupload`), send those by Git
+/// LFS's basic transfer (batch, PUT to the returned href, verify when
+/// asked), then one ndjson commit naming them as `lfsFile` entries and
+/// holding the others inline. The Hub refuses binary content inline, so
+/// weights are never sent that way. Nothing is retried: a commit that timed
+/// out may have landed.
+fn commit_files(http: &Http, req: &PushRequest) -> Result<CommitAnswer> {
+    let at = format!("{}@{}", req.repo, req.revision);
+    let (owner, name) = req.repo.split_once('/').unwrap_or(("", req.repo));
+    let on_status = |s: &Status| status_error(s, req.repo, req.revision, None);
+    let mut uploads = Vec::new();
+    let mut described = Vec::new();
+    for f in req.files {
+        let file = req.dir.join(f);
+        let bytes_head = {
+            let mut h = Vec::new();
+            std::fs::File::open(&file)
+                .and_then(|fh| fh.take(512).read_to_end(&mut h))
+                .map_err(|e| Error::io(&file, e))?;
+            h
+        };
+        let size = std::fs::metadata(&file)
+            .map_err(|e| Error::io(&file, e))?
+            .len();
+        described.push(serde_json::json!({
+            "path": f,
+            "size": size,
+            "sample": base64::engine::general_purpose::STANDARD.encode(&bytes_head),
+        }));
+        uploads.push(Upload {
+            path: f.clone(),
+            file,
+            size,
+            lfs: None,
+        });
+    }
+    let pre: Preupload = http.parse(
+        http.send_once(
+            http.request(
+                reqwest::Method::POST,
+                http.url(&["api", "models", owner, name, "preupload", req.revision]),
+                true,
+            )
+            .json(&serde_json::json!({ "files": described })),
+            UPLOAD_WAIT,
+            &at,
+        )?,
+        &at,
+        on_status,
+    )?;
+    for u in &mut uploads {
+        let mode = pre
+            .files
+            .iter()
+            .find(|p| p.path == u.path)
+            .map(|p| p.upload_mode.as_str());
+        if mode == Some("lfs") {
+            u.lfs = Some(crate::hash::sha256_file(&u.file)?);
+        }
+    }
+    let lfs: Vec<&Upload> = uploads.iter().filter(|u| u.lfs.is_some()).collect();
+    if !lfs.is_empty() {
+        upload_lfs(http, req, &lfs, &at)?;
+    }
+
+    let mut body = Vec::new();
+    let mut line = |v: serde_json::Value| {
+        body.extend_from_slice(v.to_string().as_bytes());
+        body.push(b'\n');
+    };
+    line(serde_json::json!({"key": "header", "value": {
+        "summary": req.message, "description": ""}}));
+    for u in &uploads {
+        match &u.lfs {
+            Some(oid) => line(serde_json::json!({"key": "lfsFile", "value": {
+                "path": u.path, "algo": "sha256", "oid": oid, "size": u.size}})),
+            None => {
+                let bytes = std::fs::read(&u.file).map_err(|e| Error::io(&u.file, e))?;
+                line(serde_json::json!({"key": "file", "value": {
+                    "path": u.path, "encoding": "base64",
+                    "content": base64::engine::general_purpose::STANDARD.encode(&bytes)}}));
+            }
+        }
+    }
+    let mut url = http.url(&["api", "models", owner, name, "commit", req.revision]);
+    if req.create_pr {
+        url.query_pairs_mut().append_pair("create_pr", "1");
+    }
+    let bar = Bars::new(format!("committing to {}", req.repo));
+    bar.bar.set_message(format!("committing to {at}"));
+    let answer = http.parse(
+        http.send_once(
+            http.request(reqwest::Method::POST, url, true)
+                .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+                .body(body),
+            UPLOAD_WAIT,
+            &at,
+        )?,
+        &at,
+        on_status,
+    );
+    bar.bar.finish_and_clear();
+    answer
+}
+
+/// Git LFS basic transfer of `files` (each with its sha256).
+fn upload_lfs(http: &Http, req: &PushRequest, files: &[&Upload], at: &str) -> Result<()> {
+    let (owner, name) = req.repo.split_once('/').unwrap_or(("", req.repo));
+    let git = format!("{name}.git");
+    let objects: Vec<serde_json::Value> = files
+        .iter()
+        .map(|u| serde_json::json!({"oid": u.lfs, "size": u.size}))
+        .collect();
+    const LFS_JSON: &str = "application/vnd.git-lfs+json";
+    let batch: Batch = http.parse(
+        http.send_once(
+            http.request(
+                reqwest::Method::POST,
+                http.url(&[owner, &git, "info", "lfs", "objects", "batch"]),
+                true,
+            )
+            .header(reqwest::header::ACCEPT, LFS_JSON)
+            .header(reqwest::header::CONTENT_TYPE, LFS_JSON)
+            .body(
+                serde_json::json!({
+                    "operation": "upload",
+                    "transfers": ["basic"],
+                    "objects": objects,
+                    "hash_algo": "sha256",
+                    "ref": {"name": format!("refs/heads/{}", req.revision)},
+                })
+                .to_string(),
+            ),
+            UPLOAD_WAIT,
+            at,
+        )?,
+        at,
+        |s| status_error(s, req.repo, req.revision, None),
+    )?;
+    if let Some(t) = batch.transfer.as_deref().filter(|t| *t != "basic") {
+        return Err(Error::Network(format!(
+            "{at}: the Hub chose the LFS transfer {:?}, but only \"basic\" was offered",
+            http.clean(t)
+        )));
+    }
+    for u in files {
+        let oid = u.lfs.as_deref().unwrap_or("");
+        let what = format!("{at}: {}", u.path);
+        let Some(obj) = batch.objects.iter().find(|o| o.oid == oid) else {
+            return Err(Error::Network(format!(
+                "{what}: the Hub's LFS answer does not mention it"
+            )));
+        };
+        if let Some(e) = &obj.error {
+            return Err(Error::Network(format!(
+                "{what}: the Hub refused the LFS upload ({}: {})",
+                e.code.unwrap_or(0),
+                http.clean(e.message.as_deref().unwrap_or(""))
+            )));
+        }
+        let Some(actions) = &obj.actions else {
+            continue; // the Hub has these bytes already
+        };
+        let href = |a: &BatchAction| {
+            reqwest::Url::parse(&a.href)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    Error::Network(format!(
+                        "{what}: the Hub gave an unusable upload address {:?}",
+                        http.clean(&a.href)
+                    ))
+                })
+        };
+        if let Some(up) = &actions.upload {
+            if u.size > MAX_BASIC_PUT {
+                return Err(Error::Usage(format!(
+                    "{what}: {} is over the 5 GiB a single LFS upload takes; split the \
+                     weights into shards",
+                    crate::ui::human_bytes(u.size)
+                )));
+            }
+            let file = std::fs::File::open(&u.file).map_err(|e| Error::io(&u.file, e))?;
+            // The href carries its own authorisation (a signed URL) or the
+            // headers the Hub gave; our token is not sent along.
+            let mut rb = http
+                .request(reqwest::Method::PUT, href(up)?, false)
+                .body(reqwest::blocking::Body::sized(file, u.size));
+            for (k, v) in &up.header {
+                rb = rb.header(k.as_str(), v.as_str());
+            }
+            let bar = Bars::new(format!("uploading {}", u.path));
+            bar.bar.set_message(format!("uploading {}", u.path));
+            let sent = http.send_once(rb, UPLOAD_WAIT, &what)?;
+            bar.bar.finish_and_clear();
+            if !sent.resp.status().is_success() {
+                let s = http.status(sent);
+                return Err(Error::Network(format!(
+                    "{what}: the LFS upload was refused: {}",
+                    s.describe()
+                )));
+            }
+        }
+        if let Some(verify) = &actions.verify {
+            let mut rb = http
+                .request(reqwest::Method::POST, href(verify)?, true)
+                .header(reqwest::header::ACCEPT, LFS_JSON)
+                .header(reqwest::header::CONTENT_TYPE, LFS_JSON)
+                .body(serde_json::json!({"oid": oid, "size": u.size}).to_string());
+            for (k, v) in &verify.header {
+                rb = rb.header(k.as_str(), v.as_str());
+            }
+            let got = http.send_once(rb, UPLOAD_WAIT, &what)?;
+            if !got.resp.status().is_success() {
+                let s = http.status(got);
+                return Err(Error::Network(format!(
+                    "{what}: the Hub could not verify the upload: {}",
+                    s.describe()
+                )));
+            }
+        }
+    }
+    Ok(())
 }

@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 
 use common::hub_server::{Fault, HubServer};
 use serde_json::Value;
+use sha2::Digest;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_lora-merge");
 pub(crate) const TOKEN: &str = "hf_testtoken_Zq8vX2kLm9Rw4Tn7";
@@ -157,6 +158,24 @@ fn push_then_merge_by_repo_id_is_byte_identical_and_works_offline() {
 
     let ca = merge_and_push(&env, &server, &[&fixture("alpha")], "a", "alice/a");
     let cb = merge_and_push(&env, &server, &[&fixture("beta")], "b", "alice/b");
+
+    // The weights went through Git LFS's basic transfer (batch, PUT of the
+    // exact bytes, verify), never inline: the test Hub, as the real one,
+    // refuses binary content in a commit's inline entries.
+    let log = server.log();
+    let sha_a = sha2::Sha256::digest(
+        std::fs::read(env.path("a").join("adapter_model.safetensors")).unwrap(),
+    )
+    .iter()
+    .map(|b| format!("{b:02x}"))
+    .collect::<String>();
+    for want in [
+        "POST /alice/a.git/info/lfs/objects/batch".to_string(),
+        format!("PUT /_lfs/{sha_a}"),
+        "POST /_lfs_verify".to_string(),
+    ] {
+        assert!(log.contains(&want), "{want} is not in {log:?}");
+    }
 
     // What the Hub holds is what was written, every file listed plus the
     // manifest, in one commit on top of the repository's first one.
@@ -554,7 +573,7 @@ fn python_huggingface_hub_agrees_with_the_server_and_shares_the_cache() {
         .env("PYTHONUNBUFFERED", "1")
         .output()
         .expect("run python");
-    common::assert_oracle_passed(&o, "hub_client.py", 25);
+    common::assert_oracle_passed(&o, "hub_client.py", 30);
     assert!(
         server.log().iter().any(|l| l.starts_with("PUT /_lfs/")),
         "Python did not use the LFS upload: {:?}",

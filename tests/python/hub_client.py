@@ -105,6 +105,17 @@ def online(args):
         check("the LFS blob is named by its sha256", os.path.basename(blob) == want, blob)
         ref = read(os.path.join(args.py_cache, "models--py--gamma", "refs", "main")).decode()
         check("refs/main holds the commit", ref == oid, ref)
+        # What lora-merge pushed, read back by Python over the network: the
+        # weights went through LFS (not inline) and arrive byte-identical.
+        ours = files_in(args.our_dir)
+        otree = {f.path: f for f in api.list_repo_tree(args.our_repo, revision=args.our_commit, recursive=True)}
+        for f in ours:
+            with tempfile.TemporaryDirectory() as d:
+                p = hf_hub_download(args.our_repo, f, revision=args.our_commit, cache_dir=d)
+                check(f"hf_hub_download of our pushed {f} gives its bytes", read(p) == read(os.path.join(args.our_dir, f)))
+        ow = read(os.path.join(args.our_dir, "adapter_model.safetensors"))
+        lfs = otree["adapter_model.safetensors"].lfs
+        check("our pushed weights are an LFS file", lfs is not None and lfs.sha256 == hashlib.sha256(ow).hexdigest())
         with tempfile.TemporaryDirectory() as d:
             snap = snapshot_download(repo, cache_dir=d)
             same = all(read(os.path.join(snap, f)) == read(os.path.join(args.upload_dir, f)) for f in local)

@@ -8,10 +8,12 @@
 //! /{repo}/resolve/{rev}/{path}` (X-Repo-Commit, ETag, X-Linked-Etag and
 //! X-Linked-Size for LFS files, Range); `POST /api/models/{repo}/preupload/{rev}`;
 //! `POST /{repo}.git/info/lfs/objects/batch` (basic transfer) and the `PUT`
-//! it points to; `POST /api/models/{repo}/commit/{rev}` (ndjson header,
+//! it points to (its sha256 checked); `POST /api/models/{repo}/commit/{rev}` (ndjson header,
 //! file, lfsFile, deletedFile; `?create_pr=1`); `POST
 //! /api/models/{repo}/branch/{name}`. Errors carry `X-Error-Code` and
-//! `X-Error-Message` as the Hub's do.
+//! `X-Error-Message` as the Hub's do. As strict as the Hub where it has a
+//! rule: binary content in a commit's inline `file` entry is refused (it
+//! must go through LFS), and preupload sends binary samples to LFS.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -428,6 +430,16 @@ fn route(req: &Request, st: &mut State, base: &str, token: &str) -> Response {
             json!({"errors": [], "warnings": []}),
         );
     }
+    if p == "/_lfs_verify" && req.method == "POST" {
+        // Git LFS's verify action: the object is stored, with that size.
+        let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        let oid = body["oid"].as_str().unwrap_or("");
+        let size = body["size"].as_u64();
+        return match st.lfs.get(oid) {
+            Some(d) if Some(d.len() as u64) == size => Response::json(200, json!({})),
+            _ => Response::error(422, None, "object not stored with that size"),
+        };
+    }
     if let Some(oid) = p.strip_prefix("/_lfs/") {
         if req.method == "PUT" {
             let got = hex(&Sha256::digest(&req.body));
@@ -733,6 +745,12 @@ fn is_lfs_path(path: &str, size: u64) -> bool {
     path.ends_with(".safetensors") || path.ends_with(".bin") || size >= 10 * 1024 * 1024
 }
 
+/// Binary as git and the Hub see it: a NUL byte in the first 8000 bytes,
+/// or bytes that are not UTF-8.
+fn is_binary(data: &[u8]) -> bool {
+    data[..data.len().min(8000)].contains(&0) || std::str::from_utf8(data).is_err()
+}
+
 fn preupload(req: &Request, st: &State, id: &str, rev: &str) -> Response {
     let repo = &st.repos[id];
     let sha = match resolve_rev_or_404(repo, rev) {
@@ -749,7 +767,11 @@ fn preupload(req: &Request, st: &State, id: &str, rev: &str) -> Response {
         .map(|f| {
             let path = f["path"].as_str().unwrap_or("");
             let size = f["size"].as_u64().unwrap_or(0);
-            let lfs = is_lfs_path(path, size);
+            // As the Hub: the path rules, the size, and the sample's content.
+            let sample = base64::engine::general_purpose::STANDARD
+                .decode(f["sample"].as_str().unwrap_or(""))
+                .unwrap_or_default();
+            let lfs = is_lfs_path(path, size) || sample.contains(&0);
             json!({
                 "path": path,
                 "uploadMode": if lfs { "lfs" } else { "regular" },
@@ -786,7 +808,8 @@ fn lfs_batch(req: &Request, st: &State, id: &str, base: &str) -> Response {
                 json!({"oid": oid, "size": size})
             } else {
                 json!({"oid": oid, "size": size, "authenticated": true,
-                       "actions": {"upload": {"href": format!("{base}/_lfs/{oid}"), "expires_in": 3600}}})
+                       "actions": {"upload": {"href": format!("{base}/_lfs/{oid}"), "expires_in": 3600},
+                                   "verify": {"href": format!("{base}/_lfs_verify"), "expires_in": 3600}}})
             }
         })
         .collect();
@@ -851,6 +874,16 @@ fn commit(req: &Request, st: &mut State, id: &str, rev: &str, base: &str) -> Res
                 } else {
                     val["content"].as_str().unwrap_or("").as_bytes().to_vec()
                 };
+                // As the Hub: binary content is refused inline, whatever
+                // the client meant; it must go through LFS.
+                if is_binary(&data) {
+                    return Response::error(
+                        400,
+                        None,
+                        "Your push was rejected because it contains binary files. Please use \
+                         https://huggingface.co/docs/hub/xet to store binary files.",
+                    );
+                }
                 let lfs = is_lfs_path(&path, data.len() as u64);
                 tree.insert(
                     path,
