@@ -47,6 +47,22 @@ fn install_panic_hook() {
     }));
 }
 
+/// Ctrl-C and SIGTERM: remove what the run was writing (staging folder,
+/// output lock; see `output::atomic`) and end with the shell's status for
+/// the signal (130, 143). A swap in progress finishes first.
+fn install_signal_cleanup() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return; // the default behaviour stays: the next run cleans up
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            crate::output::atomic::release_all();
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
 /// Parse `args` (argv[0] first) and run `dispatch`, then exit with the
 /// contract's status. Never returns.
 pub fn main(
@@ -54,6 +70,7 @@ pub fn main(
     dispatch: impl FnOnce(&Cli) -> Result<()>,
 ) -> ! {
     install_panic_hook();
+    install_signal_cleanup();
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
@@ -77,6 +94,7 @@ pub fn main(
              (LORA_MERGE_BACKTRACE=1 RUST_BACKTRACE=1 shows where)"
         )))
     });
+    crate::output::atomic::release_all();
     match result {
         Ok(()) => std::process::exit(SUCCESS),
         Err(e) => {

@@ -144,7 +144,8 @@ pub fn check_output(target: &Path, force: bool, inputs: &[Input]) -> Result<()> 
             )));
         }
     }
-    Ok(())
+    // Two runs on one OUT: the second is refused here, before its work.
+    super::atomic::claim(target, force)
 }
 
 #[cfg(test)]

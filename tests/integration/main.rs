@@ -8,6 +8,7 @@
 mod common;
 
 mod cli;
+mod commit;
 #[cfg(feature = "torch")]
 mod fewshot;
 #[cfg(feature = "hub")]
