@@ -39,6 +39,14 @@ pub fn run_in_companion() -> Result<()> {
     }
     let mut cmd = std::process::Command::new(&exe);
     cmd.arg("cli").args(std::env::args_os().skip(1));
+    // libtorch's OpenMP threads spin while they wait for work, which takes
+    // the CPU from anything beside them (and them from each other when two
+    // runs share a machine). Passive waiting yields it; it must be set
+    // before libtorch loads, so here, not in the companion. A policy the
+    // user set is kept. Figures: README, "Under load".
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        cmd.env("OMP_WAIT_POLICY", "PASSIVE");
+    }
     #[cfg(unix)]
     {
         use std::os::unix::process::CommandExt;
