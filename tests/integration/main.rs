@@ -11,6 +11,7 @@ mod cli;
 mod commit;
 #[cfg(feature = "torch")]
 mod fewshot;
+mod fuzz_replay;
 #[cfg(feature = "hub")]
 mod hostile;
 #[cfg(feature = "hub")]
