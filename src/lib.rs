@@ -16,6 +16,7 @@ pub mod hash;
 pub mod hub;
 pub mod layout;
 pub mod output;
+pub mod resources;
 pub mod rng;
 pub mod settings;
 pub mod source;

@@ -59,6 +59,13 @@ pub fn run(args: &UniformArgs) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let dtype = merge_settings.dtype_for(&set);
     let method = merge_settings.method;
+    let (memory, disk) = merge::estimate(&set, method, dtype);
+    crate::resources::check(
+        crate::resources::Need { memory, disk },
+        &out.dir,
+        "this merge",
+        "An svd merge to a smaller --rank, or --dtype f16/bf16, needs less.",
+    )?;
 
     let bar = crate::ui::progress(report.modules.len() as u64, "merging");
     let t1 = Instant::now();

@@ -112,6 +112,44 @@ pub struct MergedModule {
 /// Merge every module of the set. Modules are independent, so they run in
 /// parallel; each decodes its factors from the memory maps only when it runs,
 /// which keeps peak memory near the output size.
+/// The bytes of memory and disk a merge of `set` by `method` will need,
+/// written in `dtype`: every merged module's factors in f32 (all are held
+/// until the writer runs) plus the output tensors in `dtype` (the writer
+/// builds them all), and those tensors on disk. An upper bound: svd's
+/// rank is taken as the larger of --rank and --conv-rank.
+pub fn estimate(set: &AdapterSet, method: Method, dtype: crate::tensors::DType) -> (u64, u64) {
+    let mut shapes: std::collections::BTreeMap<&str, (u64, u64, u64, u64)> = Default::default();
+    for a in &set.adapters {
+        for (name, m) in &a.modules {
+            let e =
+                shapes
+                    .entry(name.as_str())
+                    .or_insert((m.fan_in as u64, m.fan_out as u64, 0, 0));
+            e.2 += m.rank as u64;
+            e.3 = e.3.max(m.rank as u64);
+        }
+    }
+    let elements: u64 = shapes
+        .values()
+        .map(|&(fan_in, fan_out, sum, max)| {
+            let r = match method {
+                Method::Exact => sum,
+                Method::Svd { rank, conv_rank } => {
+                    sum.min(rank.max(conv_rank.unwrap_or(rank)) as u64)
+                }
+                Method::Linear => max,
+            };
+            (fan_in + fan_out).saturating_mul(r)
+        })
+        .fold(0u64, u64::saturating_add);
+    let out = elements.saturating_mul(dtype.size() as u64);
+    let memory = elements
+        .saturating_mul(4)
+        .saturating_add(out)
+        .saturating_add(64 << 20);
+    (memory, out)
+}
+
 pub fn merge(
     set: &AdapterSet,
     weights: &Weights,

@@ -233,3 +233,32 @@ fn a_run_killed_at_any_moment_leaves_the_old_output_or_the_whole_new_one() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(beside(tmp.path()), Vec::<String>::new());
 }
+
+/// A merge that cannot fit in memory is refused before any work, with the
+/// figures, and leaves nothing (LORA_MERGE_MEMORY_LIMIT stands in for a
+/// small machine; the same check reads MemAvailable and the cgroup limit).
+#[test]
+fn a_merge_that_cannot_fit_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = merge(&out, &["alpha", "beta", "gamma"], false)
+        .env("LORA_MERGE_MEMORY_LIMIT", "1000000")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    for n in [
+        "needs about",
+        "of memory",
+        "LORA_MERGE_MEMORY_LIMIT",
+        "--rank",
+    ] {
+        assert!(text(&o).contains(n), "{n:?} is not in {}", text(&o));
+    }
+    assert!(!out.exists());
+    assert_eq!(beside(tmp.path()), Vec::<String>::new());
+    let o = merge(&out, &["alpha", "beta", "gamma"], false)
+        .env("LORA_MERGE_MEMORY_LIMIT", "1000000000")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+}

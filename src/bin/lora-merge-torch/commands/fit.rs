@@ -141,6 +141,16 @@ fn open_inputs(args: &FitArgs, out: &OutputSettings, merge: &MergeSettings) -> R
         out.check(&resolved)?;
     }
     let report = set.check(merge.strict, merge.allow_base_mismatch)?;
+    if !args.dry_run {
+        // The merge at the end must fit: known now, before the training.
+        let (memory, disk) = merge::estimate(&set, merge.method, merge.dtype_for(&set));
+        lora_merge::resources::check(
+            lora_merge::resources::Need { memory, disk },
+            &out.dir,
+            "writing this composition",
+            "An svd merge to a smaller --rank, or --dtype f16/bf16, needs less.",
+        )?;
+    }
     Ok(Inputs {
         dir,
         task,
