@@ -7,9 +7,11 @@ mod targets;
 
 use crate::common;
 
+type Body = fn(&[u8]);
+
 #[test]
 fn every_fuzz_seed_and_saved_crasher_is_handled() {
-    let targets: [(&str, fn(&[u8])); 4] = [
+    let targets: [(&str, Body); 4] = [
         ("safetensors", targets::safetensors),
         ("config", targets::config),
         ("hub_ref", targets::hub_ref),
