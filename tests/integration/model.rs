@@ -851,3 +851,36 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
         ],
     );
 }
+
+/// Weights that overflow the composition give no score: eval says why
+/// instead of printing a loss or an accuracy computed from NaN.
+#[test]
+fn eval_reports_no_score_from_non_finite_outputs() {
+    let f = fixtures();
+    for (base, extra) in [
+        (f.join("llama"), vec!["--data", p(&f.join("causal.jsonl"))]),
+        (
+            f.join("bert"),
+            vec![
+                "--support",
+                p(&f.join("classify_support.jsonl")),
+                "--data",
+                p(&f.join("classify_data.jsonl")),
+            ],
+        ),
+    ] {
+        let a = fixture_adapters(&base);
+        let mut args = vec!["eval", "--base", p(&base)];
+        args.extend(extra);
+        args.extend(["--adapters", p(&a[0]), "--weights", "1e38"]);
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("not finite"), "{err}");
+        assert!(
+            out.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

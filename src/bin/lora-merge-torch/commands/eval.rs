@@ -106,6 +106,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             })?;
             bar.finish_and_clear();
             let loss = total / tokens as f64;
+            if !loss.is_finite() {
+                return Err(not_finite());
+            }
             let report = CausalReport {
                 task: task.name(),
                 loss,
@@ -171,6 +174,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 let t_texts: Vec<&str> = test.iter().map(|s| s.text.as_str()).collect();
                 let s_emb = embed_texts(&model, &tok, &s_texts, args.batch_size, &mix, &bar)?;
                 let t_emb = embed_texts(&model, &tok, &t_texts, args.batch_size, &mix, &bar)?;
+                for e in [&s_emb, &t_emb] {
+                    if !bool::try_from(e.isfinite().all()).map_err(tch_err)? {
+                        return Err(not_finite());
+                    }
+                }
                 let s_y: Vec<i64> = support.iter().map(|s| index[s.label.as_str()]).collect();
                 let protos = class_means(
                     &s_emb,
@@ -204,4 +212,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The model's outputs held NaN or infinities: no score is reported.
+fn not_finite() -> Error {
+    Error::Incompatible(
+        "the composed model's outputs are not finite (NaN or infinite), so no score is \
+         reported: an adapter holds non-finite values or the weights overflow; check the \
+         adapters with lora-merge inspect and use smaller --weights"
+            .into(),
+    )
 }
