@@ -232,7 +232,7 @@ fn first_match<T: Copy>(
 impl PeftConfig {
     /// Read, hash and validate `path`. The hash is of the bytes parsed.
     pub fn read(path: &Path) -> Result<(PeftConfig, FileRecord)> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::layout::read_capped(path, crate::layout::JSON_CAP)?;
         let record = FileRecord {
             path: path.to_path_buf(),
             sha256: sha256_hex(&bytes),

@@ -785,3 +785,106 @@ fn a_closed_stdout_is_not_an_error() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(o.stderr.is_empty(), "{}", stderr(&o));
 }
+
+/// A copy of `fixtures/adapters/NAME` at `to`.
+fn fixture_copy(name: &str, to: &Path) -> PathBuf {
+    copy_dir(&common::repo().join("fixtures/adapters").join(name), to);
+    to.to_path_buf()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A named pipe at `path`, replacing what was there.
+fn mkfifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let ok = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// Run lora-merge, killed after 20 s: a run that would hang fails the test
+/// instead of hanging it.
+fn run_bounded(args: &[&std::ffi::OsStr]) -> Output {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = common::command(env!("CARGO_BIN_EXE_lora-merge"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("lora-merge {args:?} still running after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Regression: a FIFO as an adapter's README.md, config or weights hung the
+/// merge forever, and a README.md linked to /dev/zero was read until memory
+/// ran out. Each is refused at once, exit 1, naming the file and saying
+/// what it is.
+#[test]
+fn side_files_that_are_pipes_or_devices_are_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    type Plant = fn(&Path);
+    let cases: [(&str, &str, Plant); 4] = [
+        ("README.md", "a FIFO", |p| mkfifo(p)),
+        ("README.md", "a character device", |p| {
+            std::fs::remove_file(p).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", p).unwrap();
+        }),
+        ("adapter_config.json", "a FIFO", |p| mkfifo(p)),
+        ("adapter_model.safetensors", "a FIFO", |p| mkfifo(p)),
+    ];
+    for (i, (file, what, plant)) in cases.iter().enumerate() {
+        let dir = fixture_copy("alpha", &tmp.path().join(format!("case{i}")));
+        plant(&dir.join(file));
+        let out = tmp.path().join(format!("out{i}"));
+        let o = run_bounded(&[
+            "uniform".as_ref(),
+            "--adapters".as_ref(),
+            dir.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{file} as {what}: {e}");
+        let named = format!("{}: is {what}", dir.join(file).display());
+        assert!(e.contains(&named), "{file} as {what}: {e}");
+        assert!(!out.exists(), "{file} as {what}: an output was written");
+    }
+
+    // The list of adapters given as a pipe.
+    let list = tmp.path().join("adapters.txt");
+    mkfifo(&list);
+    let o = run_bounded(&[
+        "uniform".as_ref(),
+        "--adapters-file".as_ref(),
+        list.as_os_str(),
+        "-o".as_ref(),
+        tmp.path().join("out-list").as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("adapters.txt: is a FIFO"),
+        "{}",
+        stderr(&o)
+    );
+}
