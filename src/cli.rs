@@ -58,12 +58,18 @@ pub enum Command {
     /// contribute nothing) and listed in the report; --strict refuses instead.
     Uniform(UniformArgs),
     /// Re-hash a merged adapter directory against its merge_manifest.json.
+    ///
+    /// Fails when a listed file differs or is missing, when the directory
+    /// holds a file the manifest does not list, or when the manifest itself
+    /// was changed: merge_manifest.sha256, written beside it in sha256sum's
+    /// format, binds it. Only regular files are read.
     Verify(VerifyArgs),
     /// Upload a merged adapter directory to the Hugging Face Hub in one commit.
     ///
     /// Runs `verify` on OUT first and sends only the files its manifest lists,
-    /// with the manifest: the adapter, its config, the model card (Hub front
-    /// matter and provenance) and merge_manifest.json. Creates the repository
+    /// with the manifest and its digest: the adapter, its config, the model
+    /// card (Hub front matter and provenance), merge_manifest.json and
+    /// merge_manifest.sha256. Creates the repository
     /// when it does not exist (and the branch, for a --revision other than
     /// main), then prints the commit's URL.
     ///

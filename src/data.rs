@@ -40,28 +40,8 @@ pub struct LabelledText {
     pub label: String,
 }
 
-/// Largest data file read; few-shot sets are small, and a mistaken path to a
-/// multi-gigabyte file should fail fast.
-const MAX_DATA_BYTES: u64 = 1 << 30;
-
 fn lines(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.len() > MAX_DATA_BYTES {
-        return Err(Error::invalid(
-            path,
-            format!(
-                "{} bytes is more than the 1 GiB a data file may hold",
-                meta.len()
-            ),
-        ));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::InvalidData {
-            Error::invalid(path, "not UTF-8 text")
-        } else {
-            Error::io(path, e)
-        }
-    })?;
+    let text = crate::layout::read_capped_text(path, crate::layout::DATA_CAP)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;

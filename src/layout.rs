@@ -1,11 +1,15 @@
 //! What the files of adapters and base models are called, how a sharded
-//! model's index names its shards, and the one rule for pickled weights.
+//! model's index names its shards, the one rule for pickled weights, and the
+//! one way a file given to us is opened and read: regular files only, within
+//! a cap for its kind.
 //!
 //! A leaf: local reading ([`crate::source`], [`crate::adapter`],
 //! [`crate::checkpoint`]) and the Hub ([`crate::hub`]) all decide from
 //! here, so a directory on disk and the same repository on the Hub are read
 //! by the same rules.
 
+use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -68,12 +72,168 @@ pub fn pickle_in(dir: &Path) -> Option<std::path::PathBuf> {
     found.into_iter().next()
 }
 
+/// The most bytes a file of one kind may hold. A cap per kind, so that a
+/// side file that is huge, or grows while it is read, costs at most this
+/// much memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Cap {
+    /// What such a file is, for the refusal ("a JSON config").
+    pub what: &'static str,
+    pub bytes: u64,
+}
+
+/// `adapter_config.json`, a model's `config.json`, a shard index: real ones
+/// are kilobytes.
+pub const JSON_CAP: Cap = Cap {
+    what: "JSON config",
+    bytes: 16 << 20,
+};
+/// A model card (README.md), ours or an input adapter's.
+pub const CARD_CAP: Cap = Cap {
+    what: "model card",
+    bytes: 16 << 20,
+};
+/// An output's manifest, which lists every module of the merge.
+pub const MANIFEST_CAP: Cap = Cap {
+    what: "manifest",
+    bytes: 64 << 20,
+};
+/// An `--adapters-file`: one reference a line.
+pub const LIST_CAP: Cap = Cap {
+    what: "list of adapters",
+    bytes: 4 << 20,
+};
+/// A base model's `tokenizer.json` (large vocabularies take tens of MiB).
+pub const TOKENIZER_CAP: Cap = Cap {
+    what: "tokenizer",
+    bytes: 256 << 20,
+};
+/// A JSON Lines file of examples: few-shot sets are small, and a mistaken
+/// path to a multi-gigabyte file should fail fast.
+pub const DATA_CAP: Cap = Cap {
+    what: "data file",
+    bytes: 1 << 30,
+};
+
+impl Cap {
+    /// "16 MiB", "1 GiB", "8 bytes".
+    fn size(self) -> String {
+        if self.bytes < 1 << 20 {
+            format!("{} bytes", self.bytes)
+        } else if self.bytes >= 1 << 30 && self.bytes.is_multiple_of(1 << 30) {
+            format!("{} GiB", self.bytes >> 30)
+        } else {
+            format!("{} MiB", self.bytes.div_ceil(1 << 20))
+        }
+    }
+
+    fn refusal(self, path: &Path, len: u64) -> Error {
+        Error::invalid(
+            path,
+            format!(
+                "{len} bytes or more, larger than the {} a {} may hold",
+                self.size(),
+                self.what
+            ),
+        )
+    }
+}
+
+/// What a file that is not a regular file is, in words.
+fn kind_of(ft: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if ft.is_char_device() {
+            return "a character device";
+        }
+        if ft.is_block_device() {
+            return "a block device";
+        }
+        if ft.is_socket() {
+            return "a socket";
+        }
+    }
+    if ft.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+fn not_regular(path: &Path, ft: std::fs::FileType) -> Error {
+    Error::invalid(
+        path,
+        format!(
+            "is {}, not a regular file; only regular files are read (a pipe or a device \
+             could block or never end)",
+            kind_of(ft)
+        ),
+    )
+}
+
+/// Open `path` for reading, refusing anything but a regular file (after
+/// symbolic links): a FIFO, a device, a socket or a directory is an
+/// [`Error::Invalid`] that names the file and says what it is. On unix the
+/// file is opened with `O_NONBLOCK`, so opening a FIFO returns at once
+/// instead of waiting for a writer; the type is then checked on the opened
+/// handle, so nothing can be swapped in between. Returns the file and its
+/// length. A file that cannot be opened is [`Error::Io`].
+pub fn open_regular(path: &Path) -> Result<(File, u64)> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| {
+        // Opening a socket fails (ENXIO): say what it is, not the errno.
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => not_regular(path, m.file_type()),
+            _ => Error::io(path, e),
+        }
+    })?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(path, meta.file_type()));
+    }
+    Ok((file, meta.len()))
+}
+
+/// The whole of the regular file `path`, refused when it holds more than
+/// `cap` bytes. At most `cap + 1` bytes are ever read, so a file that grows
+/// while it is read, or whose size lies, is bounded all the same.
+pub fn read_capped(path: &Path, cap: Cap) -> Result<Vec<u8>> {
+    let (file, len) = open_regular(path)?;
+    if len > cap.bytes {
+        return Err(cap.refusal(path, len));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(cap.bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > cap.bytes {
+        return Err(cap.refusal(path, bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// As [`read_capped`], as UTF-8 text (anything else is [`Error::Invalid`]).
+pub fn read_capped_text(path: &Path, cap: Cap) -> Result<String> {
+    String::from_utf8(read_capped(path, cap)?)
+        .map_err(|_| Error::invalid(path, format!("not UTF-8 text (a {})", cap.what)))
+}
+
 /// The shard files that `model.safetensors.index.json`'s `weight_map`
 /// names, sorted, each once: plain `.safetensors` file names beside the
 /// index (no folders, nothing hidden). Local models and the Hub fetcher
 /// both use this, so both agree on what a sharded model is.
 pub fn index_shard_names(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = read_capped_text(index, JSON_CAP)?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::invalid(index, format!("not JSON: {e}")))?;
     let map = v
@@ -111,6 +271,55 @@ pub fn index_shard_names(index: &Path) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TINY: Cap = Cap {
+        what: "test file",
+        bytes: 8,
+    };
+
+    #[test]
+    fn capped_reads_stop_at_the_cap() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"12345678").unwrap();
+        assert_eq!(read_capped(&p, TINY).unwrap(), b"12345678");
+        std::fs::write(&p, b"123456789").unwrap();
+        let e = read_capped(&p, TINY).unwrap_err();
+        assert!(matches!(e, Error::Invalid { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("/f:") && msg.contains("8 bytes a test file"),
+            "{msg}"
+        );
+        assert_eq!(JSON_CAP.size(), "16 MiB");
+        assert_eq!(DATA_CAP.size(), "1 GiB");
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let d = tempfile::tempdir().unwrap();
+        let e = read_capped(d.path(), TINY).unwrap_err().to_string();
+        assert!(e.contains("is a directory, not a regular file"), "{e}");
+        #[cfg(unix)]
+        {
+            // A character device that never ends: refused, not read.
+            let e = read_capped(Path::new("/dev/zero"), JSON_CAP).unwrap_err();
+            assert!(matches!(e, Error::Invalid { .. }), "{e:?}");
+            assert!(e.to_string().contains("a character device"), "{e}");
+            // A FIFO with no writer: refused at once, not waited on.
+            let fifo = d.path().join("pipe");
+            let ok = std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+            let e = read_capped(&fifo, JSON_CAP).unwrap_err().to_string();
+            assert!(e.contains("pipe: is a FIFO (named pipe)"), "{e}");
+        }
+        let missing = read_capped(&d.path().join("missing"), TINY).unwrap_err();
+        assert!(matches!(missing, Error::Io { .. }), "{missing:?}");
+    }
 
     #[test]
     fn pickles_by_any_name() {

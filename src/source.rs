@@ -238,6 +238,10 @@ pub fn resolve(given: &str) -> Result<Resolved> {
     let config = dir.join(CONFIG_FILE);
     let config = if config.is_file() {
         Some(config)
+    } else if config.exists() {
+        // There, but a pipe, a device or a folder: say so, not "missing".
+        crate::layout::open_regular(&config)?;
+        Some(config)
     } else if weights.file_name().is_some_and(|n| n == WEIGHTS_FILE) {
         return Err(Error::invalid(
             &dir,
@@ -261,7 +265,9 @@ pub fn resolve(given: &str) -> Result<Resolved> {
 fn weights_in_dir(dir: &Path) -> Result<PathBuf> {
     for name in layout::ADAPTER_WEIGHTS_NAMES {
         let w = dir.join(name);
-        if w.is_file() {
+        // Taken when it is there at all: one that is a pipe or a device is
+        // then refused by the reader, saying what it is, not "missing".
+        if w.exists() {
             return Ok(w);
         }
     }
@@ -294,7 +300,7 @@ fn weights_in_dir(dir: &Path) -> Result<PathBuf> {
 /// Adapter references from a file: one per line; blank lines and lines
 /// starting with `#` are skipped.
 pub fn read_adapters_file(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::layout::read_capped_text(path, crate::layout::LIST_CAP)?;
     let refs: Vec<String> = text
         .lines()
         .map(str::trim)

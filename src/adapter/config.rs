@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
 use serde::de::DeserializeOwned;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -188,21 +188,46 @@ impl<T: Serialize> Serialize for PatternMap<T> {
     }
 }
 
+/// The most pattern keys a config may hold (`rank_pattern` and
+/// `alpha_pattern` together). Real ones name at most every module of a
+/// model: hundreds.
+const MAX_PATTERN_KEYS: usize = 4096;
+/// The longest pattern key, in bytes. Real ones are module names.
+const MAX_PATTERN_KEY_LEN: usize = 1024;
+/// What all compiled keys of one config may take together, shared out among
+/// them (at most [`PATTERN_KEY_SIZE`] each): a short key such as
+/// `.{1000}{1000}` compiles to gigabytes without a limit.
+const PATTERN_SIZE_BUDGET: usize = 64 << 20;
+/// The most one compiled key may take, for its program and for its lazy DFA.
+const PATTERN_KEY_SIZE: usize = 1 << 20;
+
 /// PEFT's pattern rule: `re.match(rf"(.*\.)?({key})$", name)`, i.e. the key
 /// is a regex that must match the whole module name or a dot-separated tail
-/// of it.
-fn pattern_regex(key: &str) -> Result<Regex, regex::Error> {
-    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+/// of it. `n` is how many keys the config holds: each gets its share of
+/// [`PATTERN_SIZE_BUDGET`], so the whole set is bounded.
+fn pattern_regex(key: &str, n: usize) -> Result<Regex, String> {
+    if key.len() > MAX_PATTERN_KEY_LEN {
+        return Err(format!(
+            "it is {} bytes long, more than the {MAX_PATTERN_KEY_LEN} a key may be",
+            key.len()
+        ));
+    }
+    let limit = (PATTERN_SIZE_BUDGET / n.max(1)).clamp(64 << 10, PATTERN_KEY_SIZE);
+    RegexBuilder::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+        .size_limit(limit)
+        .dfa_size_limit(limit)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 fn keys_of<T>(patterns: &[(String, T)]) -> Vec<String> {
     patterns.iter().map(|(k, _)| k.clone()).collect()
 }
 
-fn compile_all<T>(patterns: &[(String, T)]) -> Vec<Option<Regex>> {
+fn compile_all<T>(patterns: &[(String, T)], n: usize) -> Vec<Option<Regex>> {
     patterns
         .iter()
-        .map(|(k, _)| pattern_regex(k).ok())
+        .map(|(k, _)| pattern_regex(k, n).ok())
         .collect()
 }
 
@@ -219,7 +244,7 @@ fn first_match<T: Copy>(
 ) -> Option<T> {
     if !same_keys(cached_keys, patterns) {
         // The patterns were edited after first use: compile afresh.
-        let fresh = compile_all(patterns);
+        let fresh = compile_all(patterns, patterns.len());
         return first_match(patterns, &keys_of(patterns), &fresh, module);
     }
     patterns
@@ -232,7 +257,7 @@ fn first_match<T: Copy>(
 impl PeftConfig {
     /// Read, hash and validate `path`. The hash is of the bytes parsed.
     pub fn read(path: &Path) -> Result<(PeftConfig, FileRecord)> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::layout::read_capped(path, crate::layout::JSON_CAP)?;
         let record = FileRecord {
             path: path.to_path_buf(),
             sha256: sha256_hex(&bytes),
@@ -319,9 +344,16 @@ impl PeftConfig {
                 return refuse(format!("alpha_pattern {k:?} sets alpha {a}"));
             }
         }
+        let n = self.pattern_keys();
+        if n > MAX_PATTERN_KEYS {
+            return refuse(format!(
+                "rank_pattern and alpha_pattern hold {n} keys, more than the \
+                 {MAX_PATTERN_KEYS} this tool evaluates"
+            ));
+        }
         let keys = self.rank_pattern.iter().map(|(k, _)| k);
         for k in keys.chain(self.alpha_pattern.iter().map(|(k, _)| k)) {
-            if let Err(e) = pattern_regex(k) {
+            if let Err(e) = pattern_regex(k, n) {
                 return refuse(format!(
                     "pattern key {k:?} is not a regular expression this tool can evaluate: {e}"
                 ));
@@ -330,12 +362,18 @@ impl PeftConfig {
         Ok(())
     }
 
+    /// How many pattern keys there are, both maps together.
+    fn pattern_keys(&self) -> usize {
+        self.rank_pattern.len() + self.alpha_pattern.len()
+    }
+
     fn compiled(&self) -> &Compiled {
+        let n = self.pattern_keys();
         self.compiled.get_or_init(|| Compiled {
             rank_keys: keys_of(&self.rank_pattern),
-            rank: compile_all(&self.rank_pattern),
+            rank: compile_all(&self.rank_pattern, n),
             alpha_keys: keys_of(&self.alpha_pattern),
-            alpha: compile_all(&self.alpha_pattern),
+            alpha: compile_all(&self.alpha_pattern, n),
         })
     }
 
@@ -492,6 +530,35 @@ mod tests {
         assert!(err(r#"{"peft_type":"LORA","bias":"all"}"#).contains("\"all\""));
         assert!(err(r#"{"peft_type":"LORA","r":0}"#).contains("r is 0"));
         assert!(err(r#"{"peft_type":"LORA","rank_pattern":{"(":2}}"#).contains("\"(\""));
+        // Keys that compile to gigabytes, or are absurdly long or many, are
+        // refused quickly, naming the key.
+        let t = std::time::Instant::now();
+        for key in ["(.{1,100}){1,100}", ".{1000}{1000}", "([a-z]{1000}){100}"] {
+            let e = err(&format!(
+                r#"{{"peft_type":"LORA","alpha_pattern":{{"q_proj":2,"{key}":3}}}}"#
+            ));
+            assert!(
+                e.contains("not a regular expression this tool can evaluate"),
+                "{e}"
+            );
+            assert!(e.contains(&format!("{key:?}")), "{e}");
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+        let long = "a".repeat(2000);
+        let e = err(&format!(
+            r#"{{"peft_type":"LORA","rank_pattern":{{"{long}":2}}}}"#
+        ));
+        assert!(e.contains("2000 bytes long"), "{e}");
+        let many: Vec<String> = (0..5000).map(|i| format!(r#""m{i}":2"#)).collect();
+        let e = err(&format!(
+            r#"{{"peft_type":"LORA","rank_pattern":{{{}}}}}"#,
+            many.join(",")
+        ));
+        assert!(e.contains("5000 keys"), "{e}");
         // Plain inits are fine.
         for init in ["gaussian", "eva", "orthogonal"] {
             parse(&format!(

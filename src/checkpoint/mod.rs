@@ -64,16 +64,17 @@ impl ModelDir {
     pub fn open(dir: impl AsRef<Path>) -> Result<ModelDir> {
         let dir = dir.as_ref();
         let config_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::invalid(
-                    &config_path,
-                    "missing: a base model directory needs config.json",
-                )
-            } else {
-                Error::io(&config_path, e)
-            }
-        })?;
+        let text = crate::layout::read_capped_text(&config_path, crate::layout::JSON_CAP).map_err(
+            |e| match e {
+                Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                    Error::invalid(
+                        &config_path,
+                        "missing: a base model directory needs config.json",
+                    )
+                }
+                e => e,
+            },
+        )?;
         let arch = Arch::from_config_json(&text).map_err(|m| Error::invalid(&config_path, m))?;
         let tokenizer = dir.join(TOKENIZER_FILE);
         if !tokenizer.is_file() {

@@ -2,16 +2,18 @@
 
 use crate::cli::PushArgs;
 use crate::hub::{self, PushRequest};
-use crate::output::manifest::FILE_NAME;
+use crate::output::manifest::{DIGEST_FILE, FILE_NAME};
 use crate::Result;
 
 pub fn run(args: &PushArgs) -> Result<()> {
     // Refuse a bad repository id or a missing token before reading anything.
     hub::check_repo_id(&args.repo)?;
-    // Only what the manifest vouches for is sent, and only if it still holds.
+    // Only what the manifest vouches for is sent (with the manifest and its
+    // digest), and only if it still holds.
     let outputs = crate::output::verify::check(&args.dir)?;
     let mut files: Vec<String> = outputs.keys().cloned().collect();
     files.push(FILE_NAME.to_string());
+    files.push(DIGEST_FILE.to_string());
     let pushed = hub::push(&PushRequest {
         dir: &args.dir,
         files: &files,

@@ -115,6 +115,11 @@ pub fn merge_contents<'a>(m: &Merge<'a>) -> Result<Contents<'a>> {
                 .map(|p| (a.given.clone(), p.to_string()))
         })
         .collect();
+    let licenses = set
+        .adapters
+        .iter()
+        .map(|a| card_license(a.resolved.dir()))
+        .collect::<Result<Vec<_>>>()?;
     let card = Card {
         title: "Merged LoRA adapter".into(),
         summary: format!(
@@ -134,7 +139,7 @@ pub fn merge_contents<'a>(m: &Merge<'a>) -> Result<Contents<'a>> {
             }
         ),
         base_model: base_model.clone(),
-        license: same(set.adapters.iter().map(|a| card_license(a.resolved.dir()))).flatten(),
+        license: same(licenses.into_iter()).flatten(),
         format: m.format.name(),
         tags: vec!["merge"],
         method: Some(m.method.name().into()),
@@ -234,9 +239,24 @@ pub fn merge_contents<'a>(m: &Merge<'a>) -> Result<Contents<'a>> {
 }
 
 /// The `license:` an adapter's own model card (README.md beside it)
-/// declares in its front matter, if any.
-fn card_license(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join(crate::layout::CARD)).ok()?;
+/// declares in its front matter, if any. The card is optional, but one that
+/// is there and is not a regular file of sensible size (a pipe, a link to a
+/// device, gigabytes) is refused rather than waited on or read whole.
+fn card_license(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join(crate::layout::CARD);
+    let text = match crate::layout::read_capped(&path, crate::layout::CARD_CAP) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(_) => return Ok(None),
+        },
+        Err(Error::Io { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(license_in(&text))
+}
+
+/// The `license:` in a card's front matter.
+fn license_in(text: &str) -> Option<String> {
     let front = text.strip_prefix("---")?;
     let end = front.find("\n---")?;
     front[..end].lines().find_map(|l| {
@@ -256,16 +276,16 @@ mod tests {
     fn license_from_an_adapters_own_card() {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path();
-        assert_eq!(card_license(d), None);
+        assert_eq!(card_license(d).unwrap(), None);
         std::fs::write(
             d.join("README.md"),
             "---\nbase_model: x\nlicense: 'mit'\ntags:\n- lora\n---\n# hi\nlicense: no\n",
         )
         .unwrap();
-        assert_eq!(card_license(d).as_deref(), Some("mit"));
+        assert_eq!(card_license(d).unwrap().as_deref(), Some("mit"));
         std::fs::write(d.join("README.md"), "# no front matter\nlicense: mit\n").unwrap();
-        assert_eq!(card_license(d), None);
+        assert_eq!(card_license(d).unwrap(), None);
         std::fs::write(d.join("README.md"), "---\ntags: []\n---\nlicense: mit\n").unwrap();
-        assert_eq!(card_license(d), None);
+        assert_eq!(card_license(d).unwrap(), None);
     }
 }

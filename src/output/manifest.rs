@@ -15,6 +15,16 @@ use crate::source::{HubOrigin, Resolved};
 use crate::tensors::{DType, FileRecord};
 
 pub const FILE_NAME: &str = "merge_manifest.json";
+/// The manifest's own sha256, beside it, as `sha256sum` writes it
+/// (`<hex>  merge_manifest.json`): the manifest lists every other file's
+/// hash, and this binds the manifest, so that `verify` notices an edit of
+/// it and `sha256sum -c` can check it too.
+pub const DIGEST_FILE: &str = "merge_manifest.sha256";
+
+/// The contents of [`DIGEST_FILE`] for manifest bytes.
+pub fn digest_line(manifest: &[u8]) -> String {
+    format!("{}  {FILE_NAME}\n", crate::hash::sha256_hex(manifest))
+}
 
 /// The provenance record of an output directory. One typed section per
 /// kind of run: every output has `method`, `modules` and `outputs`; merges

@@ -36,7 +36,8 @@ pub struct Contents<'a> {
     pub files: Vec<(String, Vec<u8>)>,
 }
 
-/// Where the output went and what it holds (the manifest aside).
+/// Where the output went and what it holds (the manifest and its digest
+/// aside).
 pub struct Written {
     pub dir: PathBuf,
     pub files: BTreeMap<String, WrittenFile>,
@@ -159,7 +160,12 @@ pub fn write(out: &Path, mut c: Contents) -> Result<Written> {
     c.manifest.created = manifest::timestamp();
     c.manifest.command_line = argv;
     c.manifest.outputs = written.clone();
-    staging.write(manifest::FILE_NAME, &json_text(&c.manifest)?)?;
+    let manifest_bytes = json_text(&c.manifest)?;
+    staging.write(manifest::FILE_NAME, &manifest_bytes)?;
+    staging.write(
+        manifest::DIGEST_FILE,
+        manifest::digest_line(&manifest_bytes).as_bytes(),
+    )?;
     let dir = staging.commit()?;
     Ok(Written {
         dir,

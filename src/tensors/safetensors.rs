@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -157,8 +156,9 @@ impl SafetensorsFile {
     }
 
     fn open_with(path: &Path, lenient: bool) -> Result<SafetensorsFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        // A regular file only: a FIFO would block the open or the map, a
+        // device could map endless bytes.
+        let (file, len) = crate::layout::open_regular(path)?;
         // Checked before mapping: a zero-length file cannot be mapped, and a
         // short one gets the same clear message either way.
         if len < LEN_PREFIX as u64 {

@@ -785,3 +785,230 @@ fn a_closed_stdout_is_not_an_error() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(o.stderr.is_empty(), "{}", stderr(&o));
 }
+
+/// A copy of `fixtures/adapters/NAME` at `to`.
+fn fixture_copy(name: &str, to: &Path) -> PathBuf {
+    copy_dir(&common::repo().join("fixtures/adapters").join(name), to);
+    to.to_path_buf()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A named pipe at `path`, replacing what was there.
+fn mkfifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let ok = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// Run lora-merge, killed after 20 s: a run that would hang fails the test
+/// instead of hanging it.
+fn run_bounded(args: &[&std::ffi::OsStr]) -> Output {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = common::command(env!("CARGO_BIN_EXE_lora-merge"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("lora-merge {args:?} still running after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Regression: a FIFO as an adapter's README.md, config or weights hung the
+/// merge forever, and a README.md linked to /dev/zero was read until memory
+/// ran out. Each is refused at once, exit 1, naming the file and saying
+/// what it is.
+#[test]
+fn side_files_that_are_pipes_or_devices_are_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    type Plant = fn(&Path);
+    let cases: [(&str, &str, Plant); 4] = [
+        ("README.md", "a FIFO", |p| mkfifo(p)),
+        ("README.md", "a character device", |p| {
+            std::fs::remove_file(p).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", p).unwrap();
+        }),
+        ("adapter_config.json", "a FIFO", |p| mkfifo(p)),
+        ("adapter_model.safetensors", "a FIFO", |p| mkfifo(p)),
+    ];
+    for (i, (file, what, plant)) in cases.iter().enumerate() {
+        let dir = fixture_copy("alpha", &tmp.path().join(format!("case{i}")));
+        plant(&dir.join(file));
+        let out = tmp.path().join(format!("out{i}"));
+        let o = run_bounded(&[
+            "uniform".as_ref(),
+            "--adapters".as_ref(),
+            dir.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{file} as {what}: {e}");
+        let named = format!("{}: is {what}", dir.join(file).display());
+        assert!(e.contains(&named), "{file} as {what}: {e}");
+        assert!(!out.exists(), "{file} as {what}: an output was written");
+    }
+
+    // The list of adapters given as a pipe.
+    let list = tmp.path().join("adapters.txt");
+    mkfifo(&list);
+    let o = run_bounded(&[
+        "uniform".as_ref(),
+        "--adapters-file".as_ref(),
+        list.as_os_str(),
+        "-o".as_ref(),
+        tmp.path().join("out-list").as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("adapters.txt: is a FIFO"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A fresh output of the alpha fixture at `out`.
+fn merged_output(root: &Path, out: &Path) {
+    let alpha = fixture_copy("alpha", &root.join("alpha"));
+    let o = run(&[
+        "uniform",
+        "--adapters",
+        alpha.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// `verify` of a copy of `good` changed by `tamper`: its output.
+fn verify_tampered(good: &Path, at: &Path, tamper: impl FnOnce(&Path)) -> Output {
+    copy_dir(good, at);
+    tamper(at);
+    run_bounded(&["verify".as_ref(), at.as_os_str()])
+}
+
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let p = dir.join("merge_manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    edit(&mut m);
+    let mut bytes = serde_json::to_vec_pretty(&m).unwrap();
+    bytes.push(b'\n');
+    std::fs::write(&p, bytes).unwrap();
+}
+
+/// Regression: `verify` passed with a file added to the output, with the
+/// manifest's weights or method edited, and with an entry removed from the
+/// manifest and that file then changed; a listed file replaced by a FIFO
+/// hung it. The manifest is bound by `merge_manifest.sha256` (sha256sum's
+/// format), the directory may hold nothing unlisted, and only regular files
+/// are read.
+#[test]
+fn verify_binds_the_manifest_and_the_whole_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    merged_output(tmp.path(), &good);
+    let digest = std::fs::read_to_string(good.join("merge_manifest.sha256")).unwrap();
+    assert!(
+        digest.ends_with("  merge_manifest.json\n") && digest.len() == 64 + 2 + 20,
+        "{digest:?}"
+    );
+    // Standard tools agree with the digest.
+    if let Ok(o) = std::process::Command::new("sha256sum")
+        .args(["-c", "merge_manifest.sha256"])
+        .current_dir(&good)
+        .output()
+    {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    }
+
+    // Untouched: passes.
+    let o = run_bounded(&["verify".as_ref(), good.as_os_str()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Rewritten as the writer writes it, unchanged: passes (so the edits
+    // below are refused for what they change, not for how they are written).
+    let o = verify_tampered(&good, &tmp.path().join("same"), |d| {
+        edit_manifest(d, |_| {})
+    });
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let case = |name: &str| tmp.path().join(name);
+    let refused = |o: &Output, parts: &[&str]| {
+        let e = stderr(o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        for p in parts {
+            assert!(e.contains(p), "{p:?} is not in {e}");
+        }
+    };
+
+    let o = verify_tampered(&good, &case("added"), |d| {
+        std::fs::write(d.join("extra.txt"), "not written by the merge").unwrap()
+    });
+    refused(&o, &["extra.txt: not listed in merge_manifest.json"]);
+
+    for (what, edit) in [
+        ("method", (|m| m["method"] = json!("svd")) as fn(&mut Value)),
+        ("weights", |m| m["weights"] = json!({"global": [5.0]})),
+        ("inputs", |m| m["inputs"] = json!([])),
+    ] {
+        let o = verify_tampered(&good, &case(what), |d| edit_manifest(d, edit));
+        refused(
+            &o,
+            &[
+                "merge_manifest.json: differs from merge_manifest.sha256",
+                "changed after it was written",
+            ],
+        );
+    }
+
+    let o = verify_tampered(&good, &case("unlisted"), |d| {
+        edit_manifest(d, |m| {
+            m["outputs"]
+                .as_object_mut()
+                .unwrap()
+                .remove("adapter_config.json");
+        });
+        std::fs::write(d.join("adapter_config.json"), "{}").unwrap();
+    });
+    refused(
+        &o,
+        &["merge_manifest.json: differs from merge_manifest.sha256"],
+    );
+
+    let o = verify_tampered(&good, &case("no-digest"), |d| {
+        std::fs::remove_file(d.join("merge_manifest.sha256")).unwrap()
+    });
+    refused(&o, &["merge_manifest.sha256: missing"]);
+
+    let o = verify_tampered(&good, &case("fifo"), |d| {
+        mkfifo(&d.join("adapter_model.safetensors"))
+    });
+    refused(&o, &["adapter_model.safetensors: is a FIFO (named pipe)"]);
+
+    let o = verify_tampered(&good, &case("zero"), |d| {
+        std::fs::remove_file(d.join("README.md")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.join("README.md")).unwrap();
+    });
+    refused(&o, &["README.md: is a character device"]);
+}

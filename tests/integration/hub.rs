@@ -178,13 +178,14 @@ fn push_then_merge_by_repo_id_is_byte_identical_and_works_offline() {
     }
 
     // What the Hub holds is what was written, every file listed plus the
-    // manifest, in one commit on top of the repository's first one.
+    // manifest and its digest, in one commit on top of the repository's first one.
     let local_a = files_of(&env.path("a"));
     let remote_a = server.files("alice/a", &ca).unwrap();
     for (name, bytes) in &local_a {
         assert_eq!(remote_a.get(name), Some(bytes), "{name} differs on the Hub");
     }
     assert!(remote_a.contains_key("merge_manifest.json"));
+    assert!(remote_a.contains_key("merge_manifest.sha256"));
     assert!(remote_a.contains_key(".gitattributes"));
     assert_eq!(remote_a.len(), local_a.len() + 1);
     let card = String::from_utf8(local_a["README.md"].clone()).unwrap();

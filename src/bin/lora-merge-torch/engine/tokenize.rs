@@ -15,7 +15,8 @@ pub struct Tok {
 
 impl Tok {
     pub fn load(path: &Path) -> Result<Tok> {
-        let mut inner = Tokenizer::from_file(path)
+        let bytes = lora_merge::layout::read_capped(path, lora_merge::layout::TOKENIZER_CAP)?;
+        let mut inner = Tokenizer::from_bytes(bytes)
             .map_err(|e| Error::invalid(path, format!("cannot read the tokenizer: {e}")))?;
         inner.with_padding(None);
         inner
