@@ -302,6 +302,40 @@ fn bad_inputs_are_refused_with_one_clear_message() {
 /// with the adapter, and `fit --shots shots/d.jsonl -o shots --force`
 /// deleted the shots; both exited 0. An OUT that is, holds or lies inside
 /// any input is refused before any work, --force or not.
+/// `1` and `"1"` read as one class "1"; a file that mixes them is refused
+/// before any training, naming the file and a line of each spelling.
+#[test]
+fn a_label_written_as_number_and_string_is_refused() {
+    let f = fixtures();
+    let mixed = f.join("mixed_labels.jsonl");
+    std::fs::write(
+        &mixed,
+        "{\"text\":\"sun\",\"label\":1}\n{\"text\":\"rain\",\"label\":2}\n\
+         {\"text\":\"snow\",\"label\":\"1\"}\n",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    assert_refused(
+        &[
+            "train",
+            "--base",
+            p(&f.join("bert")),
+            "--data",
+            p(&mixed),
+            "-o",
+            p(&out.path().join("lora")),
+        ],
+        &[
+            "mixed_labels.jsonl",
+            "line 1",
+            "line 3",
+            "\"1\"",
+            "one class",
+        ],
+    );
+    assert!(!out.path().join("lora").exists());
+}
+
 #[test]
 fn fit_and_train_never_write_over_their_inputs() {
     let f = fixtures();
