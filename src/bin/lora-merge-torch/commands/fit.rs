@@ -438,7 +438,10 @@ fn fit_record(
             count,
             train: Some(train.to_vec()),
             validation: Some(val.to_vec()),
-            indices: Some("0-based positions among the file's examples (non-blank lines)"),
+            indices: Some(
+                "0-based positions among the file's distinct examples (non-blank lines, \
+                 repeats used once)",
+            ),
         },
         hyper_parameters: FitHyperParameters {
             steps: args.steps,
