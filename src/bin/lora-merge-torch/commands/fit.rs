@@ -262,13 +262,13 @@ fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learn
     let model = Model::load(&inp.dir, Some(&inp.set), grouping, Kind::Float, dev)?;
     let g = model.groups.len();
     let (train, val) = (&sp.train, &sp.val);
-    eprintln!(
+    lora_merge::ui::note(&format!(
         "fit: {n} adapters, {} modules in {g} weight groups, on {} ({} train / {} held-out shots)",
         model.module_groups.len(),
         device_name(dev),
         train.len(),
         val.len()
-    );
+    ));
     let labels = sp.shots.labels();
     let t = Instant::now();
     let (outcome, base_val, group_weights, head) = catching(|| {
@@ -510,11 +510,11 @@ fn report(
         }));
     }
     let acc = |a: Option<f64>| a.map(|a| format!(", accuracy {a:.4}")).unwrap_or_default();
-    eprintln!("{}", curve_table(&l.curve, l.best_step));
+    lora_merge::ui::note(&curve_table(&l.curve, l.best_step));
     if let Some((loss, a)) = l.base_val {
-        eprintln!("held-out loss: base {loss:.4}{}", acc(a));
+        lora_merge::ui::note(&format!("held-out loss: base {loss:.4}{}", acc(a)));
     }
-    eprintln!(
+    lora_merge::ui::note(&format!(
         "held-out loss: uniform {}{}  ->  learned {}{} (step {} of {}; train loss {:.4} -> {:.4})",
         fmt_loss(uniform.val_loss),
         acc(uniform.val_accuracy),
@@ -524,17 +524,17 @@ fn report(
         args.steps,
         uniform.train_loss,
         learned.train_loss
-    );
+    ));
     let shown: Vec<String> = adapters
         .iter()
         .zip(&l.weights.global)
         .map(|(a, w)| format!("{a}: {w:.3}"))
         .collect();
-    eprintln!("mean learned weights: {}", shown.join(", "));
-    eprintln!(
+    lora_merge::ui::note(&format!("mean learned weights: {}", shown.join(", ")));
+    lora_merge::ui::note(&format!(
         "wrote {} (merged adapter, merge_manifest.json, README.md, weights.svg) in {total_s:.1} s",
         dir.display()
-    );
+    ));
     Ok(())
 }
 
@@ -557,10 +557,10 @@ pub fn run(args: &FitArgs) -> Result<()> {
         ));
     }
     if sp.val.is_empty() {
-        eprintln!(
+        lora_merge::ui::note(&format!(
             "note: no held-out shots (too few for --val-fraction {}); the last step is kept",
             args.val_fraction
-        );
+        ));
     }
     let (train, val, count, max_len) =
         (sp.train.clone(), sp.val.clone(), sp.shots.len(), sp.max_len);

@@ -215,15 +215,12 @@ fn report(
             "train_seconds": run.seconds,
         }))?;
     } else {
-        eprintln!(
-            "{}",
-            curve_table(&run.curve, run.curve.len().saturating_sub(1))
-        );
-        eprintln!(
+        lora_merge::ui::note(&curve_table(&run.curve, run.curve.len().saturating_sub(1)));
+        lora_merge::ui::note(&format!(
             "training loss {first:.4} -> {last:.4}; wrote {} (PEFT adapter, merge_manifest.json, README.md) in {:.1} s",
             dir.display(),
             total_s
-        );
+        ));
     }
     Ok(())
 }
@@ -283,7 +280,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .iter()
         .map(|t| t.a.numel() + t.b.numel())
         .sum();
-    eprintln!(
+    lora_merge::ui::note(&format!(
         "train: LoRA r={} alpha={} on {} layers ({} parameters) of {} on {}, {} examples",
         args.rank,
         args.alpha,
@@ -292,7 +289,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         dir.arch.name(),
         device_name(dev),
         count
-    );
+    ));
     let t_train = Instant::now();
     let all: Vec<usize> = (0..count).collect();
     let (curve, head) = catching(|| {
