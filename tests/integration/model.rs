@@ -336,6 +336,46 @@ fn a_label_written_as_number_and_string_is_refused() {
     assert!(!out.path().join("lora").exists());
 }
 
+/// Sizes from the command line are checked against the model before
+/// anything is allocated: a rank of a hundred million (tens of GB of
+/// factors) or a trillion steps is refused with the range that works.
+#[test]
+fn train_refuses_sizes_the_model_cannot_take() {
+    let f = fixtures();
+    let llama = f.join("llama");
+    let data = f.join("causal.jsonl");
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("lora");
+    let base = [
+        "train",
+        "--base",
+        p(&llama),
+        "--data",
+        p(&data),
+        "-o",
+        p(&o),
+    ];
+    let with = |extra: &[&'static str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        a
+    };
+    assert_refused(
+        &with(&["--rank", "100000000"]),
+        &["--rank 100000000", "use 1 to 64", "hidden size"],
+    );
+    // k_proj is 32 x 64 (two key-value heads of four): rank 64 is too many.
+    assert_refused(
+        &with(&["--rank", "64", "--target-modules", "k_proj", "--steps", "1"]),
+        &["--rank 64", "k_proj is 32 x 64", "1 to 32"],
+    );
+    assert_refused(
+        &with(&["--steps", "1000000000000"]),
+        &["--steps 1000000000000", "1 to 1000000"],
+    );
+    assert!(!o.exists());
+}
+
 #[test]
 fn fit_and_train_never_write_over_their_inputs() {
     let f = fixtures();

@@ -34,7 +34,9 @@ use crate::engine::tokenize::Tok;
 use crate::engine::{catching, device, device_name, tch_err, to_f32, Model};
 use crate::training::heads::{head_files, new_head};
 use crate::training::steps::{self, curve_table, Objective, Plan};
-use crate::training::{check_rate, load_shots, open_base, split, Shots, Trainer, PROTO_SCALE};
+use crate::training::{
+    check_rate, check_steps, load_shots, open_base, split, Shots, Trainer, PROTO_SCALE,
+};
 
 fn granularity(g: GranularityArg) -> Grouping {
     match g {
@@ -97,8 +99,8 @@ impl Objective for Composition<'_> {
 
 /// Flags that can be refused before anything is read.
 fn check_flags(args: &FitArgs) -> Result<()> {
-    if args.steps == 0 && !args.dry_run {
-        return Err(Error::Usage("--steps must be at least 1".into()));
+    if !args.dry_run || args.steps != 0 {
+        check_steps(args.steps)?;
     }
     if args.max_length == Some(0) {
         return Err(Error::Usage("--max-length must be at least 1".into()));
