@@ -489,7 +489,11 @@ pub struct FitArgs {
     #[command(flatten)]
     pub inputs: AdapterInputs,
 
-    /// The labelled examples (JSON Lines; see --task).
+    /// The labelled examples (JSON Lines; see --task). A repeated example
+    /// (the same text and label as an earlier line) is used once, with a
+    /// warning, so that it is never both trained on and held out; a text
+    /// given two labels, or a label written both as a number and as a
+    /// string, is refused.
     #[arg(long, value_name = "FILE")]
     pub shots: PathBuf,
 
@@ -565,7 +569,10 @@ pub struct TrainArgs {
     #[arg(long, value_name = "MODEL")]
     pub base: String,
 
-    /// The labelled examples (JSON Lines; see --task).
+    /// The labelled examples (JSON Lines; see --task). A repeated example
+    /// (the same text and label as an earlier line) is used once, with a
+    /// warning; a text given two labels, or a label written both as a number
+    /// and as a string, is refused.
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
 

@@ -38,6 +38,9 @@ pub struct LabelledText {
     pub text: String,
     /// Labels are compared as strings; a number label `3` reads as "3".
     pub label: String,
+    /// The example's line in its file (1-based), for errors that point at
+    /// it.
+    pub line: usize,
 }
 
 fn lines(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
@@ -56,6 +59,18 @@ fn lines(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
                 format!("line {n}: expected a JSON object"),
             ));
         };
+        // serde_json keeps the last of two equal keys without a word, so
+        // `{"label": "x", "label": "y"}` would silently mean "y".
+        if let Ok(RepeatedKey(Some(key))) = serde_json::from_str(line) {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "line {n}: the key {} appears twice; keep one, since it is not clear \
+                     which value is meant",
+                    Value::String(key)
+                ),
+            ));
+        }
         out.push((n, obj));
     }
     if out.is_empty() {
@@ -65,6 +80,38 @@ fn lines(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
         ));
     }
     Ok(out)
+}
+
+/// The first key of a JSON object that appears more than once, if any.
+struct RepeatedKey(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for RepeatedKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = RepeatedKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<RepeatedKey, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                let mut repeated = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if repeated.is_none() && seen.contains(&key) {
+                        repeated = Some(key);
+                    } else {
+                        seen.insert(key);
+                    }
+                }
+                Ok(RepeatedKey(repeated))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
 }
 
 fn string_field(
@@ -116,7 +163,15 @@ pub fn read_causal(path: &Path) -> Result<Vec<CausalExample>> {
 }
 
 /// Classification examples: `text` and `label` (a string, or an integer).
+///
+/// Labels are classes by their text, so `1` and `"1"` would be one class;
+/// a file that spells one label both ways is refused, naming a line of each,
+/// since the two spellings usually come from two sources that meant
+/// different things.
 pub fn read_labelled(path: &Path) -> Result<Vec<LabelledText>> {
+    // Per label text: the first line that gave it, and its JSON spelling.
+    let mut spelled: std::collections::HashMap<String, (usize, Value)> =
+        std::collections::HashMap::new();
     lines(path)?
         .into_iter()
         .map(|(n, obj)| {
@@ -134,7 +189,25 @@ pub fn read_labelled(path: &Path) -> Result<Vec<LabelledText>> {
                     return Err(Error::invalid(path, format!("line {n}: no label field")));
                 }
             };
-            Ok(LabelledText { text, label })
+            let value = &obj["label"];
+            let (first, first_value) = spelled
+                .entry(label.clone())
+                .or_insert_with(|| (n, value.clone()));
+            if first_value.is_string() != value.is_string() {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "line {first} has the label {first_value} and line {n} the label \
+                         {value}, which would be one class; write every label the same way \
+                         (all strings or all numbers)"
+                    ),
+                ));
+            }
+            Ok(LabelledText {
+                text,
+                label,
+                line: n,
+            })
         })
         .collect()
 }
@@ -197,6 +270,49 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no examples"));
+    }
+
+    #[test]
+    fn a_label_spelled_as_number_and_string_is_refused() {
+        let f = file(
+            "{\"text\":\"x\",\"label\":1}\n{\"text\":\"y\",\"label\":2}\n\n{\"text\":\"z\",\"label\":\"1\"}\n",
+        );
+        let e = read_labelled(f.path()).unwrap_err().to_string();
+        let name = f.path().display().to_string();
+        for want in [
+            name.as_str(),
+            "line 1",
+            "label 1 ",
+            "line 4",
+            "\"1\"",
+            "one class",
+        ] {
+            assert!(e.contains(want), "{e} lacks {want}");
+        }
+        // One spelling throughout is fine, either way.
+        let f = file("{\"text\":\"x\",\"label\":\"1\"}\n{\"text\":\"z\",\"label\":\"1\"}\n");
+        assert_eq!(read_labelled(f.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_key_given_twice_in_a_line_is_refused() {
+        let f = file(
+            "{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"b\",\"label\":\"x\",\"label\":\"y\"}\n",
+        );
+        let e = read_labelled(f.path()).unwrap_err().to_string();
+        let name = f.path().display().to_string();
+        for want in [name.as_str(), "line 2", "\"label\" appears twice"] {
+            assert!(e.contains(want), "{e} lacks {want}");
+        }
+        let f = file("{\"prompt\":\"a\",\"completion\":\"b\",\"prompt\":\"c\"}\n");
+        let e = read_causal(f.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("line 1: the key \"prompt\" appears twice"),
+            "{e}"
+        );
+        // The same key in a nested object is another object's key.
+        let f = file("{\"prompt\":\"a\",\"completion\":\"b\",\"meta\":{\"prompt\":1}}\n");
+        assert_eq!(read_causal(f.path()).unwrap().len(), 1);
     }
 
     #[test]

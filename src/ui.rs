@@ -87,6 +87,15 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// A line for people on stderr (progress, summaries, notes). A closed or
+/// broken stderr (`2>&1 | head -1` after the reader left) is not an error:
+/// the line is dropped and the run goes on, where `eprintln!` would panic
+/// after the output was already written.
+pub fn note(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
 /// A warning on stderr. A closed or broken stderr is not an error: the
 /// warning is dropped and the run goes on.
 pub fn warn(msg: &str) {

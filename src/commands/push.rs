@@ -26,13 +26,13 @@ pub fn run(args: &PushArgs) -> Result<()> {
     if args.json {
         crate::ui::print_json(&pushed)?;
     } else {
-        eprintln!(
+        crate::ui::note(&format!(
             "pushed {} files to {}@{} (commit {})",
             files.len(),
             pushed.repo,
             pushed.revision,
             pushed.commit
-        );
+        ));
         crate::outln!("{}", pushed.url);
     }
     Ok(())

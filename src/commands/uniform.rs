@@ -118,7 +118,7 @@ pub fn run(args: &UniformArgs) -> Result<()> {
             "timings": {"load_s": load_s, "merge_s": merge_s, "write_s": write_s, "total_s": total_s},
         }))?;
     } else {
-        eprintln!(
+        crate::ui::note(&format!(
             "loaded {} adapters in {:.2} s; merged {} modules ({}, output rank {}{}, max relative error {:.2e}) in {:.2} s",
             set.adapters.len(),
             load_s,
@@ -128,21 +128,21 @@ pub fn run(args: &UniformArgs) -> Result<()> {
             if rmax != rmin { format!("..{rmax}") } else { String::new() },
             max_err,
             merge_s
-        );
+        ));
         if partial > 0 {
-            eprintln!(
+            crate::ui::note(&format!(
                 "note: {partial} modules are adapted by only some adapters and were merged from those (see merge_manifest.json; --strict refuses this)"
-            );
+            ));
         }
         if method == Method::Linear {
-            eprintln!("note: --method linear is PEFT-compatible averaging, not the weighted sum of deltas; its error is recorded per module");
+            crate::ui::note("note: --method linear is PEFT-compatible averaging, not the weighted sum of deltas; its error is recorded per module");
         }
-        eprintln!(
+        crate::ui::note(&format!(
             "wrote {} ({} files, {})",
             written.dir.display(),
             written.files.len() + 1,
             crate::ui::human_bytes(written.total_size())
-        );
+        ));
     }
     Ok(())
 }

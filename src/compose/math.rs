@@ -994,10 +994,10 @@ mod tests {
         let start = std::time::Instant::now();
         let f = svd(m, n, &ts, 16).unwrap();
         let elapsed = start.elapsed();
-        eprintln!(
+        crate::ui::note(&format!(
             "svd {m}x{n}, k=64 -> rank 16: {elapsed:?} (rel_error {:.4})",
             f.rel_error
-        );
+        ));
         assert!(elapsed.as_secs_f64() < 1.0);
     }
 }

@@ -1012,3 +1012,47 @@ fn verify_binds_the_manifest_and_the_whole_directory() {
     });
     refused(&o, &["README.md: is a character device"]);
 }
+
+/// A closed stderr (`2>&-`), or a stderr pipe whose reader left (`2>&1 |
+/// head -1`), is no reason to fail: the merge is written and verifies, and
+/// the exit status is 0, also when there is a note to give (three_adapters
+/// has modules that only some adapters adapt).
+#[test]
+fn a_closed_stderr_is_not_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dirs, _, _) = three_adapters(tmp.path());
+    let fixtures = ["alpha", "beta"].map(|a| common::repo().join("fixtures/adapters").join(a));
+    let bin = env!("CARGO_BIN_EXE_lora-merge");
+    for (i, adapters) in [&fixtures[..], &dirs[..]].into_iter().enumerate() {
+        let closed = tmp.path().join(format!("closed-{i}"));
+        let o = common::command("sh")
+            .arg("-c")
+            .arg("\"$0\" uniform --adapters \"$@\" 2>&-")
+            .arg(bin)
+            .args(adapters)
+            .arg("-o")
+            .arg(&closed)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+        let broken = tmp.path().join(format!("broken-{i}"));
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = common::command(bin)
+            .arg("uniform")
+            .arg("--adapters")
+            .args(adapters)
+            .arg("-o")
+            .arg(&broken)
+            .stderr(writer)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "stderr to a pipe nobody reads");
+
+        for out in [&closed, &broken] {
+            let v = run(&["verify", out.to_str().unwrap()]);
+            assert!(v.status.success(), "{}: {}", out.display(), stderr(&v));
+        }
+    }
+}

@@ -302,6 +302,80 @@ fn bad_inputs_are_refused_with_one_clear_message() {
 /// with the adapter, and `fit --shots shots/d.jsonl -o shots --force`
 /// deleted the shots; both exited 0. An OUT that is, holds or lies inside
 /// any input is refused before any work, --force or not.
+/// `1` and `"1"` read as one class "1"; a file that mixes them is refused
+/// before any training, naming the file and a line of each spelling.
+#[test]
+fn a_label_written_as_number_and_string_is_refused() {
+    let f = fixtures();
+    let mixed = f.join("mixed_labels.jsonl");
+    std::fs::write(
+        &mixed,
+        "{\"text\":\"sun\",\"label\":1}\n{\"text\":\"rain\",\"label\":2}\n\
+         {\"text\":\"snow\",\"label\":\"1\"}\n",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    assert_refused(
+        &[
+            "train",
+            "--base",
+            p(&f.join("bert")),
+            "--data",
+            p(&mixed),
+            "-o",
+            p(&out.path().join("lora")),
+        ],
+        &[
+            "mixed_labels.jsonl",
+            "line 1",
+            "line 3",
+            "\"1\"",
+            "one class",
+        ],
+    );
+    assert!(!out.path().join("lora").exists());
+}
+
+/// Sizes from the command line are checked against the model before
+/// anything is allocated: a rank of a hundred million (tens of GB of
+/// factors) or a trillion steps is refused with the range that works.
+#[test]
+fn train_refuses_sizes_the_model_cannot_take() {
+    let f = fixtures();
+    let llama = f.join("llama");
+    let data = f.join("causal.jsonl");
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("lora");
+    let base = [
+        "train",
+        "--base",
+        p(&llama),
+        "--data",
+        p(&data),
+        "-o",
+        p(&o),
+    ];
+    let with = |extra: &[&'static str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        a
+    };
+    assert_refused(
+        &with(&["--rank", "100000000"]),
+        &["--rank 100000000", "use 1 to 64", "hidden size"],
+    );
+    // k_proj is 32 x 64 (two key-value heads of four): rank 64 is too many.
+    assert_refused(
+        &with(&["--rank", "64", "--target-modules", "k_proj", "--steps", "1"]),
+        &["--rank 64", "k_proj is 32 x 64", "1 to 32"],
+    );
+    assert_refused(
+        &with(&["--steps", "1000000000000"]),
+        &["--steps 1000000000000", "1 to 1000000"],
+    );
+    assert!(!o.exists());
+}
+
 #[test]
 fn fit_and_train_never_write_over_their_inputs() {
     let f = fixtures();

@@ -36,7 +36,7 @@ fn main() {
         Some("bench") => {
             let rest: Vec<String> = args.filter_map(|a| a.into_string().ok()).collect();
             if let Err(e) = commands::bench::run(&rest) {
-                eprintln!("lora-merge-torch bench: error: {e}");
+                lora_merge::ui::note(&format!("lora-merge-torch bench: error: {e}"));
                 std::process::exit(e.exit_code());
             }
         }
@@ -53,7 +53,7 @@ fn main() {
             })
         }
         _ => {
-            eprintln!("lora-merge-torch is run by lora-merge; use `lora-merge --help`");
+            lora_merge::ui::note("lora-merge-torch is run by lora-merge; use `lora-merge --help`");
             std::process::exit(2);
         }
     }

@@ -77,12 +77,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         None => "the base model".to_string(),
         Some(s) => format!("{} composed adapter(s)", s.adapters.len()),
     };
-    eprintln!(
+    lora_merge::ui::note(&format!(
         "eval: {} ({}) with {what} on {}",
         dir.dir.display(),
         dir.arch.name(),
         device_name(dev)
-    );
+    ));
     let mut tok = Tok::load(&dir.tokenizer)?;
     match task {
         Task::CausalLm => {

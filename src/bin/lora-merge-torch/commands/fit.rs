@@ -34,7 +34,9 @@ use crate::engine::tokenize::Tok;
 use crate::engine::{catching, device, device_name, tch_err, to_f32, Model};
 use crate::training::heads::{head_files, new_head};
 use crate::training::steps::{self, curve_table, Objective, Plan};
-use crate::training::{check_rate, load_shots, open_base, split, Shots, Trainer, PROTO_SCALE};
+use crate::training::{
+    check_rate, check_steps, load_shots, open_base, split, Shots, Trainer, PROTO_SCALE,
+};
 
 fn granularity(g: GranularityArg) -> Grouping {
     match g {
@@ -97,8 +99,8 @@ impl Objective for Composition<'_> {
 
 /// Flags that can be refused before anything is read.
 fn check_flags(args: &FitArgs) -> Result<()> {
-    if args.steps == 0 && !args.dry_run {
-        return Err(Error::Usage("--steps must be at least 1".into()));
+    if !args.dry_run || args.steps != 0 {
+        check_steps(args.steps)?;
     }
     if args.max_length == Some(0) {
         return Err(Error::Usage("--max-length must be at least 1".into()));
@@ -272,13 +274,13 @@ fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learn
     let model = Model::load(&inp.dir, Some(&inp.set), grouping, Kind::Float, dev)?;
     let g = model.groups.len();
     let (train, val) = (&sp.train, &sp.val);
-    eprintln!(
+    lora_merge::ui::note(&format!(
         "fit: {n} adapters, {} modules in {g} weight groups, on {} ({} train / {} held-out shots)",
         model.module_groups.len(),
         device_name(dev),
         train.len(),
         val.len()
-    );
+    ));
     let labels = sp.shots.labels();
     let t = Instant::now();
     let (outcome, base_val, group_weights, head) = catching(|| {
@@ -448,7 +450,10 @@ fn fit_record(
             count,
             train: Some(train.to_vec()),
             validation: Some(val.to_vec()),
-            indices: Some("0-based positions among the file's examples (non-blank lines)"),
+            indices: Some(
+                "0-based positions among the file's distinct examples (non-blank lines, \
+                 repeats used once)",
+            ),
         },
         hyper_parameters: FitHyperParameters {
             steps: args.steps,
@@ -517,11 +522,11 @@ fn report(
         }));
     }
     let acc = |a: Option<f64>| a.map(|a| format!(", accuracy {a:.4}")).unwrap_or_default();
-    eprintln!("{}", curve_table(&l.curve, l.best_step));
+    lora_merge::ui::note(&curve_table(&l.curve, l.best_step));
     if let Some((loss, a)) = l.base_val {
-        eprintln!("held-out loss: base {loss:.4}{}", acc(a));
+        lora_merge::ui::note(&format!("held-out loss: base {loss:.4}{}", acc(a)));
     }
-    eprintln!(
+    lora_merge::ui::note(&format!(
         "held-out loss: uniform {}{}  ->  learned {}{} (step {} of {}; train loss {:.4} -> {:.4})",
         fmt_loss(uniform.val_loss),
         acc(uniform.val_accuracy),
@@ -531,17 +536,17 @@ fn report(
         args.steps,
         uniform.train_loss,
         learned.train_loss
-    );
+    ));
     let shown: Vec<String> = adapters
         .iter()
         .zip(&l.weights.global)
         .map(|(a, w)| format!("{a}: {w:.3}"))
         .collect();
-    eprintln!("mean learned weights: {}", shown.join(", "));
-    eprintln!(
+    lora_merge::ui::note(&format!("mean learned weights: {}", shown.join(", ")));
+    lora_merge::ui::note(&format!(
         "wrote {} (merged adapter, merge_manifest.json, README.md, weights.svg) in {total_s:.1} s",
         dir.display()
-    );
+    ));
     Ok(())
 }
 
@@ -564,10 +569,10 @@ pub fn run(args: &FitArgs) -> Result<()> {
         ));
     }
     if sp.val.is_empty() {
-        eprintln!(
+        lora_merge::ui::note(&format!(
             "note: no held-out shots (too few for --val-fraction {}); the last step is kept",
             args.val_fraction
-        );
+        ));
     }
     let (train, val, count, max_len) =
         (sp.train.clone(), sp.val.clone(), sp.shots.len(), sp.max_len);

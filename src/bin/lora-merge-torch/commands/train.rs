@@ -31,7 +31,7 @@ use crate::engine::tokenize::Tok;
 use crate::engine::{catching, device, device_name, tch_err, to_f32, Model};
 use crate::training::heads::{head_files, new_head};
 use crate::training::steps::{self, curve_table, Objective, Plan};
-use crate::training::{check_rate, load_shots, open_base, Trainer};
+use crate::training::{check_rate, check_steps, load_shots, open_base, Trainer};
 
 /// The LoRA factors (in the model's variable store) and the head.
 struct NewLora<'a> {
@@ -215,15 +215,12 @@ fn report(
             "train_seconds": run.seconds,
         }))?;
     } else {
-        eprintln!(
-            "{}",
-            curve_table(&run.curve, run.curve.len().saturating_sub(1))
-        );
-        eprintln!(
+        lora_merge::ui::note(&curve_table(&run.curve, run.curve.len().saturating_sub(1)));
+        lora_merge::ui::note(&format!(
             "training loss {first:.4} -> {last:.4}; wrote {} (PEFT adapter, merge_manifest.json, README.md) in {:.1} s",
             dir.display(),
             total_s
-        );
+        ));
     }
     Ok(())
 }
@@ -231,11 +228,12 @@ fn report(
 pub fn run(args: &TrainArgs) -> Result<()> {
     let t0 = Instant::now();
     let out = OutputSettings::from_args(&args.out);
-    if args.rank == 0 || args.steps == 0 || args.batch_size == 0 {
+    if args.rank == 0 || args.batch_size == 0 {
         return Err(Error::Usage(
-            "--rank, --steps and --batch-size must be at least 1".into(),
+            "--rank and --batch-size must be at least 1".into(),
         ));
     }
+    check_steps(args.steps)?;
     if args.max_length == Some(0) {
         return Err(Error::Usage("--max-length must be at least 1".into()));
     }
@@ -254,6 +252,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         Input::at("data file", &args.data),
     ])?;
     let hidden = dir.arch.hidden_size();
+    // Every layer a LoRA can adapt has a side no wider than the hidden size,
+    // and a rank above a layer's smaller side adds nothing but memory (each
+    // layer is checked exactly when the model is built).
+    if args.rank > hidden {
+        return Err(Error::Usage(format!(
+            "--rank {}: a LoRA's rank is at most its layer's smaller side, so use 1 to {hidden} \
+             (the hidden size of {}); 4 to 64 is usual",
+            args.rank,
+            dir.arch.name()
+        )));
+    }
     let model_max = dir.arch.max_positions();
     let targets: Vec<String> = if !args.target_modules.is_empty() {
         args.target_modules.clone()
@@ -283,7 +292,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .iter()
         .map(|t| t.a.numel() + t.b.numel())
         .sum();
-    eprintln!(
+    lora_merge::ui::note(&format!(
         "train: LoRA r={} alpha={} on {} layers ({} parameters) of {} on {}, {} examples",
         args.rank,
         args.alpha,
@@ -292,7 +301,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         dir.arch.name(),
         device_name(dev),
         count
-    );
+    ));
     let t_train = Instant::now();
     let all: Vec<usize> = (0..count).collect();
     let (curve, head) = catching(|| {

@@ -278,6 +278,13 @@ impl<'a> LoraBank<'a> {
         if !hit {
             return Ok(None);
         }
+        let most = fan_out.min(fan_in);
+        if spec.rank < 1 || spec.rank as u64 > most as u64 {
+            return Err(Error::Usage(format!(
+                "--rank {}: {name} is {fan_out} x {fan_in}, so its LoRA rank can be 1 to {most}",
+                spec.rank
+            )));
+        }
         let p = spec.root.sub(name.replace('.', "_"));
         let bound = 1.0 / (fan_in as f64).sqrt();
         let a = p.var(

@@ -98,12 +98,14 @@ impl Shots {
 pub fn load_shots(task: Task, path: &Path, tok: &mut Tok, max_len: usize) -> Result<Shots> {
     match task {
         Task::CausalLm => {
-            let ex = data::read_causal(path)?;
+            let (ex, dropped) = distinct_causal(data::read_causal(path)?);
+            warn_dropped(path, dropped);
             Ok(Shots::Causal(tokenize_causal(tok, &ex, max_len, path)?))
         }
         Task::Classify => {
             tok.truncate_at(max_len)?;
-            let ex: Vec<LabelledText> = data::read_labelled(path)?;
+            let (ex, dropped) = distinct_labelled(path, data::read_labelled(path)?)?;
+            warn_dropped(path, dropped);
             let labels = label_set(&ex);
             if labels.len() < 2 {
                 return Err(Error::invalid(
@@ -124,6 +126,69 @@ pub fn load_shots(task: Task, path: &Path, tok: &mut Tok, max_len: usize) -> Res
                 .collect();
             Ok(Shots::Classify { ids, y, labels })
         }
+    }
+}
+
+/// Each causal-LM example once (first occurrences, in file order), and how
+/// many repeats were dropped: a repeated shot could land on both sides of the
+/// held-out split, where it would be trained on and then "held out", and
+/// make the held-out loss look better than it is. The same prompt with two
+/// completions is two examples (a prompt may have several good answers).
+fn distinct_causal(examples: Vec<data::CausalExample>) -> (Vec<data::CausalExample>, usize) {
+    let total = examples.len();
+    let mut seen = std::collections::HashSet::new();
+    let kept: Vec<_> = examples
+        .into_iter()
+        .filter(|e| seen.insert((e.prompt.clone(), e.completion.clone())))
+        .collect();
+    let dropped = total - kept.len();
+    (kept, dropped)
+}
+
+/// Each labelled example once, as [`distinct_causal`]; a text given two
+/// different labels is refused, naming both lines, since it teaches the
+/// model nothing but noise.
+fn distinct_labelled(
+    path: &Path,
+    examples: Vec<LabelledText>,
+) -> Result<(Vec<LabelledText>, usize)> {
+    let total = examples.len();
+    let mut first: std::collections::HashMap<String, (usize, String)> =
+        std::collections::HashMap::new();
+    let mut kept = Vec::new();
+    for e in examples {
+        match first.get(&e.text) {
+            Some((_, label)) if *label == e.label => {}
+            Some((line, label)) => {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "lines {line} and {} give the same text two labels ({} and {}); \
+                         keep the line with the right label",
+                        e.line,
+                        serde_json::Value::from(label.as_str()),
+                        serde_json::Value::from(e.label.as_str()),
+                    ),
+                ))
+            }
+            None => {
+                first.insert(e.text.clone(), (e.line, e.label.clone()));
+                kept.push(e);
+            }
+        }
+    }
+    let dropped = total - kept.len();
+    Ok((kept, dropped))
+}
+
+/// One warning for all the repeats dropped from `path`.
+fn warn_dropped(path: &Path, dropped: usize) {
+    if dropped > 0 {
+        lora_merge::ui::warn(&format!(
+            "{}: {dropped} repeated example(s) (the same as an earlier line) used once, so that \
+             none is both trained on and held out",
+            path.display()
+        ));
     }
 }
 
@@ -162,5 +227,60 @@ pub fn resolve_task(dir: &ModelDir, task: Option<TaskArg>) -> Result<Task> {
         ))),
         (_, true) => Ok(Task::CausalLm),
         (_, false) => Ok(Task::Classify),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lora_merge::data::CausalExample;
+
+    fn shot(text: &str, label: &str, line: usize) -> LabelledText {
+        LabelledText {
+            text: text.into(),
+            label: label.into(),
+            line,
+        }
+    }
+
+    #[test]
+    fn repeated_shots_are_used_once() {
+        let path = Path::new("shots.jsonl");
+        let (kept, dropped) = distinct_labelled(
+            path,
+            vec![
+                shot("a", "x", 1),
+                shot("b", "y", 2),
+                shot("a", "x", 4),
+                shot("a", "x", 5),
+                shot("c", "x", 6),
+            ],
+        )
+        .unwrap();
+        assert_eq!(dropped, 2);
+        let lines: Vec<usize> = kept.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [1, 2, 6]);
+
+        let ex = |p: &str, c: &str| CausalExample {
+            prompt: p.into(),
+            completion: c.into(),
+        };
+        let (kept, dropped) =
+            distinct_causal(vec![ex("p", "a"), ex("p", "b"), ex("p", "a"), ex("q", "a")]);
+        assert_eq!(dropped, 1);
+        assert_eq!(kept, [ex("p", "a"), ex("p", "b"), ex("q", "a")]);
+    }
+
+    #[test]
+    fn a_text_with_two_labels_is_refused_naming_both_lines() {
+        let e = distinct_labelled(
+            Path::new("shots.jsonl"),
+            vec![shot("a", "x", 1), shot("b", "y", 2), shot("a", "y", 3)],
+        )
+        .unwrap_err()
+        .to_string();
+        for want in ["shots.jsonl", "lines 1 and 3", "\"x\" and \"y\""] {
+            assert!(e.contains(want), "{e} lacks {want}");
+        }
     }
 }

@@ -30,3 +30,19 @@ pub fn check_rate(flag: &str, value: f64) -> Result<()> {
         )))
     }
 }
+
+/// The most optimisation steps a run may take: every step is a point of the
+/// loss curve kept in memory and written to the manifest, and a few-shot run
+/// needs hundreds, not millions.
+pub const MAX_STEPS: usize = 1_000_000;
+
+/// `--steps` within 1..=[`MAX_STEPS`].
+pub fn check_steps(steps: usize) -> Result<()> {
+    if (1..=MAX_STEPS).contains(&steps) {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "--steps {steps}: use 1 to {MAX_STEPS} (a few hundred is usual for few-shot data)"
+        )))
+    }
+}
