@@ -133,8 +133,15 @@ fn revision_ok(r: &str) -> bool {
             .any(|c| c.is_control() || c.is_whitespace() || c == '\\')
 }
 
+/// Owner names the Hub keeps for repository types (`datasets/…`,
+/// `spaces/…`, `models/…`): no model repository is owned by them, and an
+/// `hf://` reference starting with one means a type, so a pinned reference
+/// could not name such a repository.
+const RESERVED_OWNERS: [&str; 3] = ["datasets", "spaces", "models"];
+
 fn repo_ok(repo: &str) -> bool {
-    matches!(repo.split_once('/'), Some((o, n)) if name_part_ok(o) && name_part_ok(n))
+    matches!(repo.split_once('/'), Some((o, n))
+        if name_part_ok(o) && name_part_ok(n) && !RESERVED_OWNERS.contains(&o))
 }
 
 /// Is `s` a full commit sha (40 lowercase or uppercase hex digits)?
@@ -706,7 +713,19 @@ mod tests {
             "main"
         );
         for bad in [
-            "a/b/c", "name", "./a/b", "a/b@", "a/b@x y", "a/..", "a/b@../x", "/a/b",
+            "a/b/c",
+            "name",
+            "./a/b",
+            "a/b@",
+            "a/b@x y",
+            "a/..",
+            "a/b@../x",
+            "/a/b",
+            // Found by fuzzing: its pinned form hf://datasets/repo@SHA names a
+            // dataset.
+            "datasets/repo@main/sub/dai",
+            "spaces/x",
+            "models/x",
         ] {
             assert_eq!(HubRef::parse_id(bad), None, "{bad}");
         }
