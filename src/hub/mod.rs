@@ -9,8 +9,9 @@
 //! (ETag, X-Repo-Commit) are checked before they become paths, folders are
 //! made without following links and checked after resolution, and a blob
 //! enters the cache only whole and verified against its name (sha256 for
-//! LFS files, git's blob sha1 for the others). Uploads (`push`) go through
-//! `hf-hub` (pinned to 1.0.0), which speaks the commit and LFS protocols.
+//! LFS files, git's blob sha1 for the others). `push` sends its commit and
+//! its Git LFS uploads itself (`net.rs`); `hf-hub` (pinned to 1.0.0)
+//! creates the repository and the branch.
 //! This module also decides which files to fetch (never pickled weights),
 //! honours `HF_HUB_OFFLINE`, and names the repository, the revision and
 //! the file in every error.
