@@ -25,19 +25,24 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// sha256 of a file's contents, read in 1 MiB pieces (no whole-file copy).
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
+/// Feed a file's contents to `f` in 1 MiB pieces (no whole-file copy).
+pub fn stream_file(path: &Path, mut f: impl FnMut(&[u8])) -> Result<()> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => h.update(&buf[..n]),
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => f(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::io(path, e)),
         }
     }
+}
+
+/// sha256 of a file's contents, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    stream_file(path, |b| h.update(b))?;
     Ok(hex(&h.finalize()))
 }
 

@@ -93,18 +93,11 @@ impl Hasher {
 
 /// Hash the file at `path` as a blob named `name` would be.
 fn hash_blob(path: &Path, name: &str) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
     let mut h = Hasher::for_blob(name, len);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => h.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io(path, e)),
-        }
-    }
+    crate::hash::stream_file(path, |b| h.update(b))?;
     Ok(h.finish())
 }
 

@@ -256,38 +256,9 @@ pub fn release_all() {
     }
 }
 
-/// Swap `staged` and `target`, both existing, in one step where the
-/// system can; Ok(false) where it cannot.
+/// renameat2(2) with `flags`.
 #[cfg(target_os = "linux")]
-fn exchange(staged: &Path, target: &Path) -> std::io::Result<bool> {
-    use std::os::unix::ffi::OsStrExt;
-    let a = std::ffi::CString::new(staged.as_os_str().as_bytes())?;
-    let b = std::ffi::CString::new(target.as_os_str().as_bytes())?;
-    // SAFETY: two valid NUL-terminated paths; the call only reads them.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        // The file system or the kernel cannot exchange.
-        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => Ok(false),
-        _ => Err(e),
-    }
-}
-
-/// Rename `from` to `to` unless `to` exists (Ok(false) then), in one step
-/// where the system can.
-#[cfg(target_os = "linux")]
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<bool> {
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let a = std::ffi::CString::new(from.as_os_str().as_bytes())?;
     let b = std::ffi::CString::new(to.as_os_str().as_bytes())?;
@@ -298,19 +269,45 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<bool> {
             a.as_ptr(),
             libc::AT_FDCWD,
             b.as_ptr(),
-            libc::RENAME_NOREPLACE,
+            flags,
         )
     };
     if r == 0 {
-        return Ok(true);
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EEXIST) => Ok(false),
-        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
-            fallback_rename(from, to)
-        }
-        _ => Err(e),
+}
+
+/// The file system or the kernel cannot do this kind of rename.
+#[cfg(target_os = "linux")]
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+    )
+}
+
+/// Swap `staged` and `target`, both existing, in one step where the
+/// system can; Ok(false) where it cannot.
+#[cfg(target_os = "linux")]
+fn exchange(staged: &Path, target: &Path) -> std::io::Result<bool> {
+    match renameat2(staged, target, libc::RENAME_EXCHANGE) {
+        Ok(()) => Ok(true),
+        Err(e) if unsupported(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Rename `from` to `to` unless `to` exists (Ok(false) then), in one step
+/// where the system can.
+#[cfg(target_os = "linux")]
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<bool> {
+    match renameat2(from, to, libc::RENAME_NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(e) if unsupported(&e) => fallback_rename(from, to),
+        Err(e) => Err(e),
     }
 }
 
