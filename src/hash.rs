@@ -39,6 +39,52 @@ pub fn stream_file(path: &Path, mut f: impl FnMut(&[u8])) -> Result<()> {
     }
 }
 
+/// One file's identity on disk: device, inode, size and modification time.
+/// Two equal identities in one process are the same unchanged bytes, for
+/// any file that is not rewritten within its time stamp's resolution (the
+/// Hub cache's blobs are written once, under their hash's name, and
+/// renamed into place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl FileIdentity {
+    pub fn of(file: &std::fs::File) -> Option<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata().ok()?;
+        Some(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+fn seen() -> std::sync::MutexGuard<'static, std::collections::HashMap<FileIdentity, String>> {
+    static SEEN: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<FileIdentity, String>>,
+    > = std::sync::OnceLock::new();
+    SEEN.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Record that the file with `id` hashed to `sha256` (a verified Hub blob),
+/// so that a later reader of the same bytes need not hash them again.
+pub fn remember(id: FileIdentity, sha256: &str) {
+    seen().insert(id, sha256.to_string());
+}
+
+/// The sha256 recorded for `id` in this process, if any.
+pub fn known(id: FileIdentity) -> Option<String> {
+    seen().get(&id).cloned()
+}
+
 /// sha256 of a file's contents, streamed.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();

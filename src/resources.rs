@@ -62,15 +62,33 @@ pub fn memory_available() -> Option<(u64, &'static str)> {
 /// Free space for an unprivileged writer on the file system that holds
 /// `path` (or its nearest existing ancestor).
 pub fn disk_available(path: &Path) -> Option<u64> {
+    free_space(&existing_ancestor(path)?)
+}
+
+/// `path` made absolute, or its nearest ancestor that exists: where a run
+/// that will write `path` can put temporary files on the same file system.
+pub fn existing_ancestor(path: &Path) -> Option<std::path::PathBuf> {
     let mut p = if path.is_absolute() {
         path.to_path_buf()
     } else {
         std::env::current_dir().ok()?.join(path)
     };
-    while !p.exists() {
+    while !p.is_dir() {
         p = p.parent()?.to_path_buf();
     }
-    free_space(&p)
+    Some(p)
+}
+
+/// A temporary file for the merged factors, on the file system of `out`
+/// (whose free space [`check`] counted), beside it.
+pub fn spill_for(out: &Path) -> Result<crate::compose::spill::Spill> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .and_then(existing_ancestor)
+        .or_else(|| existing_ancestor(Path::new(".")))
+        .ok_or_else(|| crate::Error::io(out, std::io::Error::other("no folder to write in")))?;
+    crate::compose::spill::Spill::new_in(&dir)
 }
 
 #[cfg(unix)]

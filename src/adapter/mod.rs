@@ -82,6 +82,9 @@ pub struct Adapter {
     pub metadata: BTreeMap<String, String>,
     /// By module name, sorted.
     pub modules: BTreeMap<String, LoraModule>,
+    /// The weights file's hash, until [`AdapterSet::hash_inputs`] computes
+    /// it (its record in `files` has an empty `sha256` until then).
+    pub pending_hash: Option<crate::tensors::safetensors::PendingHash>,
 }
 
 impl Adapter {

@@ -60,8 +60,12 @@ pub fn load_adapter_as(given: &str, format: Option<Format>) -> Result<Adapter> {
             (synthesised_config(&modules), modules, Vec::new())
         }
     };
-    files.push(weights.file_record());
+    // Hashed later (AdapterSet::hash_inputs), once the set is known to fit
+    // together: a refused merge should not have read gigabytes first.
+    let (record, pending) = weights.record_later();
+    files.push(record);
     Ok(Adapter {
+        pending_hash: Some(pending),
         given: given.to_string(),
         resolved,
         files,
@@ -215,6 +219,19 @@ impl AdapterSet {
             .collect();
         let adapters = results.into_iter().collect::<Result<Vec<_>>>()?;
         Ok(AdapterSet { adapters })
+    }
+
+    /// Hash every input's weights file (in parallel) for the manifest and
+    /// `inspect`. Done after the checks that need only the headers.
+    pub fn hash_inputs(&mut self) {
+        self.adapters.par_iter_mut().for_each(|a| {
+            if let Some(pending) = a.pending_hash.take() {
+                let sha256 = pending.finish();
+                if let Some(rec) = a.files.iter_mut().rfind(|f| f.sha256.is_empty()) {
+                    rec.sha256 = sha256;
+                }
+            }
+        });
     }
 
     /// The element type every input tensor shares, else f32: the default
@@ -507,6 +524,13 @@ mod tests {
         assert_eq!(a.modules["l.0.q_proj"].scale, 4.0);
         assert_eq!(a.modules["l.0.k_proj"].scale, 8.0);
         assert_eq!(a.files.len(), 2);
+        // The weights are hashed only when the set asks for it (after the
+        // checks that read headers only).
+        assert_eq!(a.files[1].sha256, "");
+        let mut set = AdapterSet { adapters: vec![a] };
+        set.hash_inputs();
+        let a = set.adapters.pop().unwrap();
+        assert!(a.pending_hash.is_none());
         let bytes = std::fs::read(d.join("adapter_model.safetensors")).unwrap();
         assert_eq!(a.files[1].sha256, sha256_hex(&bytes));
         assert_eq!(a.files[1].size, bytes.len() as u64);

@@ -8,7 +8,8 @@ use crate::Result;
 
 pub fn run(args: &InspectArgs) -> Result<()> {
     let refs = crate::settings::adapter_refs(&args.adapters, args.adapters_file.as_deref())?;
-    let set = AdapterSet::load_as(&refs, crate::settings::input_format(&args.input_format))?;
+    let mut set = AdapterSet::load_as(&refs, crate::settings::input_format(&args.input_format))?;
+    set.hash_inputs();
     let summaries: Vec<_> = set.adapters.iter().map(|a| a.summary()).collect();
     // inspect describes; it never refuses a set for not fitting together.
     let report = (set.adapters.len() > 1).then(|| set.report());

@@ -66,10 +66,12 @@ pub fn run(args: &UniformArgs) -> Result<()> {
         "this merge",
         "An svd merge to a smaller --rank, or --dtype f16/bf16, needs less.",
     )?;
+    set.hash_inputs();
 
     let bar = crate::ui::progress(report.modules.len() as u64, "merging");
     let t1 = Instant::now();
-    let modules = merge::merge(&set, &weights, method, &|| bar.inc(1))?;
+    let spill = crate::resources::spill_for(&out.dir)?;
+    let modules = merge::merge(&set, &weights, method, Some(&spill), &|| bar.inc(1))?;
     bar.finish_and_clear();
     let merge_s = t1.elapsed().as_secs_f64();
 

@@ -1,12 +1,14 @@
 //! The one merge path: an AdapterSet, one weight per (module, adapter), and a
 //! method. `uniform` and `fit` differ only in where the weights come from.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 use serde::Serialize;
 
 use super::math::{self, Factored, Term};
+use super::spill::{Spill, Spilled, Values};
 use crate::adapter::{AdapterSet, ModuleKind};
 use crate::{Error, Result};
 
@@ -106,17 +108,50 @@ pub struct MergedModule {
     pub fan_in: usize,
     /// Indices of the adapters that adapt this module.
     pub sources: Vec<usize>,
+    /// The factors, and their rank and errors. Once spilled (see
+    /// [`spill`](super::spill)), `a` and `b` here are empty and `spilled`
+    /// holds them.
     pub factored: Factored,
+    /// (A, B) when the factors were moved out of memory.
+    pub spilled: Option<(Spilled, Spilled)>,
 }
 
-/// Merge every module of the set. Modules are independent, so they run in
-/// parallel; each decodes its factors from the memory maps only when it runs,
-/// which keeps peak memory near the output size.
+impl MergedModule {
+    /// A's values (`rank x fan_in`, row-major), wherever they are.
+    pub fn a_values(&self) -> Values<'_> {
+        match &self.spilled {
+            Some((a, _)) => Values::Spilled(a),
+            None => Values::Memory(Cow::Borrowed(&self.factored.a)),
+        }
+    }
+
+    /// B's values (`fan_out x rank`, row-major), wherever they are.
+    pub fn b_values(&self) -> Values<'_> {
+        match &self.spilled {
+            Some((_, b)) => Values::Spilled(b),
+            None => Values::Memory(Cow::Borrowed(&self.factored.b)),
+        }
+    }
+
+    /// Move the factors out of memory into `spill`.
+    fn spill_to(&mut self, spill: &Spill) -> Result<()> {
+        let a = spill.put(&self.factored.a)?;
+        let b = spill.put(&self.factored.b)?;
+        self.factored.a = Vec::new();
+        self.factored.b = Vec::new();
+        self.spilled = Some((a, b));
+        Ok(())
+    }
+}
+
 /// The bytes of memory and disk a merge of `set` by `method` will need,
-/// written in `dtype`: every merged module's factors in f32 (all are held
-/// until the writer runs) plus the output tensors in `dtype` (the writer
-/// builds them all), and those tensors on disk. An upper bound: svd's
-/// rank is taken as the larger of --rank and --conv-rank.
+/// written in `dtype`. Memory: each merge thread works on one module at a
+/// time, holding its inputs' decoded factors, its working copies (stacked
+/// factors, and for svd the QR factors of both sides) and its result, so
+/// the figure is the threads times the largest module's need. Disk: the
+/// output tensors in `dtype`, plus the f32 factors spilled while merging
+/// (see [`merge`]). An upper bound: svd's rank is taken as the larger of
+/// --rank and --conv-rank.
 pub fn estimate(set: &AdapterSet, method: Method, dtype: crate::tensors::DType) -> (u64, u64) {
     let mut shapes: std::collections::BTreeMap<&str, (u64, u64, u64, u64)> = Default::default();
     for a in &set.adapters {
@@ -129,31 +164,36 @@ pub fn estimate(set: &AdapterSet, method: Method, dtype: crate::tensors::DType) 
             e.3 = e.3.max(m.rank as u64);
         }
     }
-    let elements: u64 = shapes
-        .values()
-        .map(|&(fan_in, fan_out, sum, max)| {
-            let r = match method {
-                Method::Exact => sum,
-                Method::Svd { rank, conv_rank } => {
-                    sum.min(rank.max(conv_rank.unwrap_or(rank)) as u64)
-                }
-                Method::Linear => max,
-            };
-            (fan_in + fan_out).saturating_mul(r)
-        })
-        .fold(0u64, u64::saturating_add);
+    let mut elements = 0u64;
+    let mut largest = 0u64;
+    for &(fan_in, fan_out, sum, max) in shapes.values() {
+        let r = match method {
+            Method::Exact => sum,
+            Method::Svd { rank, conv_rank } => sum.min(rank.max(conv_rank.unwrap_or(rank)) as u64),
+            Method::Linear => max,
+        };
+        elements = elements.saturating_add((fan_in + fan_out).saturating_mul(r));
+        // Decoded inputs, two working copies of the stacked factors and
+        // the result, all at most (fan_in + fan_out) x sum(ranks), in f32.
+        largest = largest.max((fan_in + fan_out).saturating_mul(sum).saturating_mul(16));
+    }
     let out = elements.saturating_mul(dtype.size() as u64);
-    let memory = elements
-        .saturating_mul(4)
-        .saturating_add(out)
-        .saturating_add(64 << 20);
-    (memory, out)
+    let threads = rayon::current_num_threads().max(1) as u64;
+    let memory = largest.saturating_mul(threads).saturating_add(64 << 20);
+    let disk = out.saturating_add(elements.saturating_mul(4));
+    (memory, disk)
 }
 
+/// Merge every module of the set. Modules are independent, so they run in
+/// parallel; each decodes its factors from the memory maps only when it runs.
+/// With `spill`, each module's factors go to that file as soon as the module
+/// is done, so that memory holds only the modules being merged; without it
+/// (small merges, tests) they stay in memory.
 pub fn merge(
     set: &AdapterSet,
     weights: &Weights,
     method: Method,
+    spill: Option<&Spill>,
     on_module_done: &(dyn Fn() + Sync),
 ) -> Result<Vec<MergedModule>> {
     let names: Vec<&String> = set
@@ -166,9 +206,12 @@ pub fn merge(
     names
         .par_iter()
         .map(|name| {
-            let out = merge_module(set, weights, method, name);
+            let mut out = merge_module(set, weights, method, name)?;
+            if let Some(spill) = spill {
+                out.spill_to(spill)?;
+            }
             on_module_done();
-            out
+            Ok(out)
         })
         .collect()
 }
@@ -245,5 +288,6 @@ fn merge_module(
         fan_in: n,
         sources,
         factored,
+        spilled: None,
     })
 }

@@ -3,3 +3,4 @@
 
 pub mod math;
 pub mod merge;
+pub mod spill;

@@ -91,14 +91,29 @@ impl Hasher {
     }
 }
 
-/// Hash the file at `path` as a blob named `name` would be.
+/// Hash the file at `path` as a blob named `name` would be. A sha256 blob
+/// whose content matches its name is remembered for this process, so that
+/// the safetensors reader does not hash the same bytes again for the
+/// manifest.
 fn hash_blob(path: &Path, name: &str) -> Result<String> {
+    let identity = |p: &Path| {
+        std::fs::File::open(p)
+            .ok()
+            .and_then(|f| crate::hash::FileIdentity::of(&f))
+    };
+    let before = identity(path);
     let len = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();
     let mut h = Hasher::for_blob(name, len);
     crate::hash::stream_file(path, |b| h.update(b))?;
-    Ok(h.finish())
+    let got = h.finish();
+    if got == name && name.len() == 64 {
+        if let Some(id) = before.filter(|id| Some(*id) == identity(path)) {
+            crate::hash::remember(id, &got);
+        }
+    }
+    Ok(got)
 }
 
 /// One repository's folder in the cache, resolved.
@@ -341,7 +356,13 @@ impl RepoCache {
             )));
         }
         let path = blobs.join(name);
+        let identity = crate::hash::FileIdentity::of(tmp.as_file());
         tmp.persist(&path).map_err(|e| Error::io(&path, e.error))?;
+        // Renaming keeps the inode, size and time stamp: the reader of this
+        // blob can take the hash just verified.
+        if let (Some(id), 64) = (identity, name.len()) {
+            crate::hash::remember(id, name);
+        }
         Ok(path)
     }
 

@@ -189,6 +189,16 @@ pub fn merge_contents<'a>(m: &Merge<'a>) -> Result<Contents<'a>> {
         },
     );
     manifest.weights = Some(m.weights.clone());
+    if let Some(a) = set
+        .adapters
+        .iter()
+        .find(|a| a.files.iter().any(|f| f.sha256.is_empty()))
+    {
+        return Err(Error::Internal(format!(
+            "the inputs of {} were not hashed before the manifest was written",
+            a.given
+        )));
+    }
     manifest.inputs = set
         .adapters
         .iter()

@@ -1,7 +1,6 @@
 //! The merged adapter in diffusers' layout: `pytorch_lora_weights.safetensors`
 //! with component-prefixed PEFT keys and a `lora_adapter_metadata` entry.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
@@ -38,7 +37,7 @@ pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTe
             OutTensor {
                 dtype,
                 shape: a_shape,
-                values: Cow::Borrowed(&m.factored.a),
+                values: m.a_values(),
             },
         );
         out.insert(
@@ -46,7 +45,7 @@ pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTe
             OutTensor {
                 dtype,
                 shape: b_shape,
-                values: Cow::Borrowed(&m.factored.b),
+                values: m.b_values(),
             },
         );
     }
@@ -146,6 +145,7 @@ mod tests {
                 rel_error: 0.0,
                 energy: 1.0,
             },
+            spilled: None,
         }
     }
 

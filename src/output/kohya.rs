@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use super::safetensors::OutTensor;
 use crate::adapter::sdnames;
 use crate::compose::merge::MergedModule;
+use crate::compose::spill::Values;
 use crate::tensors::DType;
 
 pub const FILE_NAME: &str = "lora.safetensors";
@@ -106,7 +107,7 @@ pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTe
             OutTensor {
                 dtype,
                 shape: a_shape,
-                values: Cow::Borrowed(&m.factored.a),
+                values: m.a_values(),
             },
         );
         out.insert(
@@ -114,7 +115,7 @@ pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTe
             OutTensor {
                 dtype,
                 shape: b_shape,
-                values: Cow::Borrowed(&m.factored.b),
+                values: m.b_values(),
             },
         );
         let alpha = m.factored.rank as f32;
@@ -123,7 +124,7 @@ pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTe
             OutTensor {
                 dtype: alpha_dtype(alpha, dtype),
                 shape: Vec::new(),
-                values: Cow::Owned(vec![alpha]),
+                values: Values::Memory(Cow::Owned(vec![alpha])),
             },
         );
     }
@@ -196,6 +197,7 @@ mod tests {
                 rel_error: 0.0,
                 energy: 1.0,
             },
+            spilled: None,
         }
     }
 

@@ -2,7 +2,6 @@
 //! `adapter_config.json`. This is the only place that spells PEFT key names
 //! for output.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
@@ -29,7 +28,7 @@ pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTe
             OutTensor {
                 dtype,
                 shape: a_shape,
-                values: Cow::Borrowed(&m.factored.a),
+                values: m.a_values(),
             },
         );
         out.insert(
@@ -37,7 +36,7 @@ pub fn tensors(modules: &[MergedModule], dtype: DType) -> BTreeMap<String, OutTe
             OutTensor {
                 dtype,
                 shape: b_shape,
-                values: Cow::Borrowed(&m.factored.b),
+                values: m.b_values(),
             },
         );
     }

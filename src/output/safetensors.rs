@@ -2,20 +2,21 @@
 //! bytes as the reference implementation does, so the same tensors always
 //! give the same bytes.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 
 use serde::Serialize;
 
+use crate::compose::spill::Values;
 use crate::tensors::DType;
 
-/// A tensor to be written: f32 values, encoded as `dtype` only while they
-/// are written, so the output never exists twice in memory.
+/// A tensor to be written: f32 values (in memory, or spilled to a temporary
+/// file by the merge), encoded as `dtype` a piece at a time while they are
+/// written, so the output never exists whole in memory.
 pub struct OutTensor<'a> {
     pub dtype: DType,
     pub shape: Vec<usize>,
-    pub values: Cow<'a, [f32]>,
+    pub values: Values<'a>,
 }
 
 impl OutTensor<'_> {
@@ -27,24 +28,27 @@ impl OutTensor<'_> {
     /// a chunk at a time.
     fn write_to(&self, w: &mut (impl Write + ?Sized)) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(64 * 1024);
-        for chunk in self.values.chunks(8192) {
-            buf.clear();
-            match self.dtype {
-                DType::F64 => chunk
-                    .iter()
-                    .for_each(|v| buf.extend_from_slice(&(*v as f64).to_le_bytes())),
-                DType::F32 => chunk
-                    .iter()
-                    .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
-                DType::F16 => chunk
-                    .iter()
-                    .for_each(|v| buf.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-                DType::BF16 => chunk
-                    .iter()
-                    .for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        self.values.for_each_piece(|piece| {
+            for chunk in piece.chunks(8192) {
+                buf.clear();
+                match self.dtype {
+                    DType::F64 => chunk
+                        .iter()
+                        .for_each(|v| buf.extend_from_slice(&(*v as f64).to_le_bytes())),
+                    DType::F32 => chunk
+                        .iter()
+                        .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+                    DType::F16 => chunk.iter().for_each(|v| {
+                        buf.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())
+                    }),
+                    DType::BF16 => chunk.iter().for_each(|v| {
+                        buf.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())
+                    }),
+                }
+                w.write_all(&buf)?;
             }
-            w.write_all(&buf)?;
-        }
+            Ok(())
+        })?;
         Ok(())
     }
 }

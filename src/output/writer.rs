@@ -74,12 +74,32 @@ fn largest(dtype: DType) -> f64 {
 pub fn check_values(modules: &[MergedModule], dtype: DType) -> Result<()> {
     let max = largest(dtype);
     for m in modules {
-        for (which, values) in [("lora_A", &m.factored.a), ("lora_B", &m.factored.b)] {
-            let bad = values
-                .iter()
-                .position(|x| !x.is_finite() || f64::from(x.abs()) > max);
-            if let Some(i) = bad {
-                let x = values[i];
+        for (which, values) in [("lora_A", m.a_values()), ("lora_B", m.b_values())] {
+            let mut seen = 0usize;
+            let mut bad = None;
+            values
+                .for_each_piece(|piece| {
+                    if let Some(i) = piece
+                        .iter()
+                        .position(|x| !x.is_finite() || f64::from(x.abs()) > max)
+                    {
+                        bad = Some((seen + i, piece[i]));
+                        return Err(std::io::Error::other("stop"));
+                    }
+                    seen += piece.len();
+                    Ok(())
+                })
+                .or_else(|e| {
+                    if bad.is_some() {
+                        Ok(())
+                    } else {
+                        Err(Error::Internal(format!(
+                            "reading back the merged factors of module {}: {e}",
+                            m.name
+                        )))
+                    }
+                })?;
+            if let Some((i, x)) = bad {
                 let why = if x.is_finite() {
                     format!(
                         "which {} cannot store (largest {max:e}); write --dtype f32",
@@ -246,6 +266,7 @@ mod tests {
                 rel_error: 0.0,
                 energy: 1.0,
             },
+            spilled: None,
         }
     }
 

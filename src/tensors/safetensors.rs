@@ -139,6 +139,8 @@ pub struct SafetensorsFile {
     /// `position_ids`), by name, with their dtype. Always empty for
     /// [`SafetensorsFile::open`], which refuses them.
     pub other: BTreeMap<String, String>,
+    /// Which file was mapped (device, inode, size, change time).
+    identity: Option<crate::hash::FileIdentity>,
 }
 
 impl SafetensorsFile {
@@ -169,8 +171,18 @@ impl SafetensorsFile {
         // reader can defend against (the Python library maps files the same
         // way); the hash we record is of the bytes we parsed.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // Only the header is read now. Without this advice the first page
+        // fault reads ahead (8 MiB on many disks) into tensor data that a
+        // refused set never needs: with hundreds of inputs on a cold cache
+        // that is most of the I/O of a refusal. Best effort.
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::Random);
         let map = Arc::new(map);
-        let (metadata, parsed) = parse(&map, lenient).map_err(|e| to_error(path, e))?;
+        let identity = crate::hash::FileIdentity::of(&file);
+        let parsed = parse(&map, lenient);
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::Normal);
+        let (metadata, parsed) = parsed.map_err(|e| to_error(path, e))?;
         let mut tensors = BTreeMap::new();
         let mut other = BTreeMap::new();
         for t in parsed {
@@ -193,6 +205,7 @@ impl SafetensorsFile {
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             map,
+            identity,
             metadata,
             tensors,
             other,
@@ -201,11 +214,49 @@ impl SafetensorsFile {
 
     /// sha256 and size of the mapped bytes, i.e. of exactly what was parsed.
     pub fn file_record(&self) -> FileRecord {
-        let record = FileRecord {
-            path: self.path.clone(),
-            sha256: crate::hash::sha256_hex(&self.map),
-            size: self.map.len() as u64,
-        };
+        let (mut record, pending) = self.record_later();
+        record.sha256 = pending.finish();
+        record
+    }
+
+    /// The file's record with its hash left empty, and what computes the
+    /// hash later: a merge checks that its inputs fit together (cheap, from
+    /// the headers) before it reads every byte of them.
+    pub fn record_later(&self) -> (FileRecord, PendingHash) {
+        (
+            FileRecord {
+                path: self.path.clone(),
+                sha256: String::new(),
+                size: self.map.len() as u64,
+            },
+            PendingHash {
+                map: Arc::clone(&self.map),
+                identity: self.identity,
+            },
+        )
+    }
+}
+
+/// The hash of a parsed file, still to be computed.
+#[derive(Debug)]
+pub struct PendingHash {
+    map: Arc<Mmap>,
+    identity: Option<crate::hash::FileIdentity>,
+}
+
+impl PendingHash {
+    /// sha256 of the mapped bytes. A file whose bytes this process already
+    /// hashed unchanged (a Hub blob verified against its name) is not read
+    /// again.
+    pub fn finish(self) -> String {
+        if let Some(known) = self.identity.and_then(crate::hash::known) {
+            return known;
+        }
+        #[cfg(unix)]
+        let _ = self.map.advise(memmap2::Advice::Sequential);
+        let sha256 = crate::hash::sha256_hex(&self.map);
+        #[cfg(unix)]
+        let _ = self.map.advise(memmap2::Advice::Normal);
         // Hashing touched every page; with hundreds of adapters that would
         // keep all inputs resident until the merge. Drop them now: each
         // tensor is faulted back in when its module is merged.
@@ -217,7 +268,7 @@ impl SafetensorsFile {
                 .map
                 .unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
         }
-        record
+        sha256
     }
 }
 

@@ -134,7 +134,7 @@ fn open_inputs(args: &FitArgs, out: &OutputSettings, merge: &MergeSettings) -> R
     }
     let refs = settings::adapter_refs(&args.inputs.adapters, file)?;
     let (dir, task) = open_base(&args.base, args.task, args.head)?;
-    let set = AdapterSet::load(&refs)?;
+    let mut set = AdapterSet::load(&refs)?;
     if !args.dry_run {
         let mut resolved = settings::given_inputs(&refs, file);
         resolved.extend(settings::adapter_inputs(&set));
@@ -152,6 +152,7 @@ fn open_inputs(args: &FitArgs, out: &OutputSettings, merge: &MergeSettings) -> R
             "writing this composition",
             "An svd merge to a smaller --rank, or --dtype f16/bf16, needs less.",
         )?;
+        set.hash_inputs();
     }
     Ok(Inputs {
         dir,
@@ -582,7 +583,10 @@ pub fn run(args: &FitArgs) -> Result<()> {
     let bar = progress(inp.report.modules.len() as u64, "merging");
     let t_merge = Instant::now();
     let method = merge_settings.method;
-    let modules = merge::merge(&inp.set, &learned.weights, method, &|| bar.inc(1))?;
+    let spill = lora_merge::resources::spill_for(&out.dir)?;
+    let modules = merge::merge(&inp.set, &learned.weights, method, Some(&spill), &|| {
+        bar.inc(1)
+    })?;
     bar.finish_and_clear();
     let merge_s = t_merge.elapsed().as_secs_f64();
 

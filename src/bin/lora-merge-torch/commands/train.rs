@@ -368,6 +368,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                     rel_error: 0.0,
                     energy: 1.0,
                 },
+                spilled: None,
             })
         })
         .collect::<Result<_>>()?;
