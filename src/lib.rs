@@ -15,6 +15,7 @@ pub mod exit;
 pub mod hash;
 pub mod hub;
 pub mod layout;
+pub mod oom;
 pub mod output;
 pub mod resources;
 pub mod rng;

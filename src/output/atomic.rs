@@ -238,7 +238,21 @@ fn dir_size(p: &Path) -> u64 {
 /// every lock file this process holds. Called at exit and from the
 /// Ctrl-C/SIGTERM handler (it waits for a swap in progress).
 pub fn release_all() {
-    let mut h = held();
+    release(held());
+}
+
+/// [`release_all`], unless the registry is locked (by the very thread that
+/// calls this, when an allocation failed inside a registry update):
+/// waiting would never end. The next run then removes the leftovers.
+pub fn release_all_now() {
+    match HELD.try_lock() {
+        Ok(h) => release(h),
+        Err(std::sync::TryLockError::Poisoned(p)) => release(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => {}
+    }
+}
+
+fn release(mut h: std::sync::MutexGuard<'static, Registry>) {
     h.closing = true;
     for e in h.outputs.drain(..) {
         if let Some(s) = &e.staging {
