@@ -7,6 +7,7 @@
 
 mod common;
 
+mod bounds;
 mod cli;
 mod commit;
 #[cfg(feature = "torch")]
