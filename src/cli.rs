@@ -28,7 +28,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// fault and the user can fix it (an unknown or bad flag, an invalid or
 /// incompatible input, a refused output directory, a training run that
 /// diverged, `verify` found a difference, the Hub refused); 2 the
-/// environment failed (I/O, network, or an internal error).
+/// environment failed (I/O, network, out of memory, or an internal error).
 #[derive(Debug, Parser)]
 #[command(name = "lora-merge", version, propagate_version = true)]
 #[command(

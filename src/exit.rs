@@ -6,8 +6,8 @@
 //!   flag (clap's usage errors included), an invalid or incompatible input,
 //!   a refused output, a diverged training run, `verify` found a
 //!   difference, the Hub refused.
-//! - 2: the environment failed: I/O, network, or an internal error (a bug:
-//!   a panic is reported as one, never as a Rust backtrace).
+//! - 2: the environment failed: I/O, network, out of memory, or an internal
+//!   error (a bug: a panic is reported as one, never as a Rust backtrace).
 
 use std::ffi::OsString;
 use std::sync::Mutex;
