@@ -298,8 +298,7 @@ fn matrix<'t>(
 /// meaning 1.
 fn scale_of(alpha: Option<f64>, rank: usize) -> f64 {
     match alpha {
-        None => 1.0,
-        Some(a) if a == 0.0 => 1.0,
+        None | Some(0.0) => 1.0,
         Some(a) => a / rank as f64,
     }
 }
@@ -312,7 +311,7 @@ fn kind_by_name(key: &str, stem: &str, fan_in: usize, width: usize) -> Result<Mo
         return Ok(ModuleKind::Linear);
     };
     let size: usize = k.iter().product();
-    if width % size != 0 {
+    if !width.is_multiple_of(size) {
         return Err(format!(
             "module {stem} is a {}x{} convolution of the Stable Diffusion UNet, but its \
              flattened LyCORIS factors are {width} wide, not a multiple of {size}",
@@ -696,6 +695,16 @@ mod tests {
         );
     }
 
+    /// A LoKr test case: its name, parts, dense W1 and W2 (empty: from the
+    /// parts) and scale.
+    type Case = (
+        &'static str,
+        Vec<(&'static str, TensorRef)>,
+        Vec<f64>,
+        Vec<f64>,
+        f64,
+    );
+
     /// Every LoKr layout: full or factored halves, linear and conv.
     #[test]
     fn lokr_is_the_kronecker_lora() {
@@ -709,13 +718,7 @@ mod tests {
         let w2b = t("m.lokr_w2_b", &[q, d], &mut rng);
         let w1d = matmul(&dense(&w1a), &dense(&w1b), a, p, c);
         let w2d = matmul(&dense(&w2a), &dense(&w2b), b, q, d);
-        let cases: [(
-            &str,
-            Vec<(&'static str, TensorRef)>,
-            Vec<f64>,
-            Vec<f64>,
-            f64,
-        ); 4] = [
+        let cases: [Case; 4] = [
             (
                 "full/full",
                 vec![("lokr_w1", w1.clone()), ("lokr_w2", w2.clone())],
