@@ -105,10 +105,9 @@ pub fn refuse_foreign(file: &SafetensorsFile) -> Result<()> {
                 key,
                 stem,
                 what,
-                "its delta is not read as a product of two factors; lora-merge reads LoRA \
-                 (lora_down/lora_up, lora_A/lora_B) modules, and LyCORIS LoHa (hada_w1_a/_b, \
-                 hada_w2_a/_b) and LoKr (lokr_w1[_a/_b], lokr_w2[_a/_b]) modules in kohya-style \
-                 files",
+                "lora-merge reads only LoRA modules (lora_down/lora_up, lora_A/lora_B) and, in \
+                 kohya-style files, plain LyCORIS LoHa (hada_w1_a/_b, hada_w2_a/_b) and LoKr \
+                 (lokr_w1[_a/_b], lokr_w2[_a/_b]) modules",
             );
         }
     }

@@ -33,7 +33,10 @@
 //!
 //! The factors are computed once, in f32 (the product of two f16 or bf16
 //! values is exact in f32; of two f32 values, one rounding), and owned by
-//! the module rather than mapped from the file.
+//! the module rather than mapped from the file: a module of rank `R` as a
+//! LoRA holds `R * (out + in)` values in memory from load to the end of the
+//! run, which for a LoHa (`R = r1 * r2`) is up to `r1 * r2 / (r1 + r2)`
+//! times what the file holds for it.
 //!
 //! LyCORIS stores a convolution's LoHa factors (and a LoKr's factored
 //! `lokr_w2_b`) flattened to `[rank, in * kh * kw]`, so nothing in the file
@@ -364,12 +367,11 @@ fn build_loha(
     let (b, a) = if factored(stem, WHAT, out, fan_in, rank)? {
         (Mat::face_split(&w1a, &w2a), Mat::khatri_rao(&w1b, &w2b))
     } else {
-        let (h1, h2) = (w1a.product_f64(&w1b), w2a.product_f64(&w2b));
-        dense_form(
-            out,
-            fan_in,
-            h1.iter().zip(&h2).map(|(x, y)| x * y).collect(),
-        )
+        let mut d = w1a.product_f64(&w1b);
+        let h2 = w2a.product_f64(&w2b);
+        d.iter_mut().zip(&h2).for_each(|(x, y)| *x *= y);
+        drop(h2);
+        dense_form(out, fan_in, d)
     };
     finish(stem, WHAT, kind, scale, b, a)
 }
