@@ -147,7 +147,8 @@ pub struct AdapterInputs {
     /// adapter_model.safetensors), a diffusers directory
     /// (pytorch_lora_weights.safetensors), a directory holding one
     /// .safetensors file, or a .safetensors file: PEFT (with its
-    /// adapter_config.json beside it), kohya/sd-scripts or diffusers. Or the
+    /// adapter_config.json beside it), kohya/sd-scripts (LoRA, or LyCORIS
+    /// LoHa/LoKr) or diffusers. Or the
     /// same on the Hub: OWNER/NAME[@REVISION] (when no such local path
     /// exists) or hf://OWNER/NAME[@REVISION][/PATH], PATH being a folder or a
     /// .safetensors file in the repository.
@@ -215,7 +216,10 @@ pub enum FormatArg {
     /// PEFT: adapter_config.json + base_model.model.<path>.lora_A.weight.
     Peft,
     /// kohya/sd-scripts: lora_unet_*/lora_te*_* keys with .lora_down.weight,
-    /// .lora_up.weight and .alpha (missing or 0 means alpha = rank).
+    /// .lora_up.weight and .alpha (missing or 0 means alpha = rank); also
+    /// LyCORIS LoHa (.hada_w1_a/_b, .hada_w2_a/_b) and LoKr (.lokr_w1[_a/_b],
+    /// .lokr_w2[_a/_b]) modules, read as exact LoRA factors. Tucker cores,
+    /// dora_scale, OFT and full diffs are refused.
     Kohya,
     /// diffusers: unet.*/text_encoder.*/text_encoder_2.* keys with
     /// .lora_A.weight/.lora_B.weight, optional lora_adapter_metadata.

@@ -19,6 +19,7 @@ mod hostile;
 mod hub;
 mod interop;
 mod layering;
+mod lycoris;
 mod man;
 #[cfg(feature = "torch")]
 mod model;

@@ -372,28 +372,6 @@ fn mixed_layouts_need_output_format() {
     assert!(!tmp.path().join("x").exists());
 }
 
-#[test]
-fn lycoris_is_refused_by_name() {
-    for (file, what) in [("loha", "LoHa"), ("lokr", "LoKr")] {
-        let p = fixtures().join(format!("{file}.safetensors"));
-        for extra in [&[][..], &["--format", "kohya"][..]] {
-            let tmp = tempfile::tempdir().unwrap();
-            let mut args = vec![
-                "uniform",
-                "--adapters",
-                p.to_str().unwrap(),
-                "-o",
-                tmp.path().to_str().unwrap(),
-            ];
-            args.extend_from_slice(extra);
-            let o = run(&args);
-            assert!(!o.status.success());
-            let e = String::from_utf8_lossy(&o.stderr);
-            assert!(e.contains(what), "{e}");
-        }
-    }
-}
-
 /// Tensor names of a safetensors file.
 fn tensor_names(path: &Path) -> Vec<String> {
     SafetensorsFile::open(path)
