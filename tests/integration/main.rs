@@ -19,6 +19,7 @@ mod hub;
 mod interop;
 mod layering;
 mod man;
+mod methods;
 #[cfg(feature = "torch")]
 mod model;
 mod sd;
