@@ -95,7 +95,8 @@ impl Tool {
 /// How the adapter's tensors were made.
 #[derive(Debug, Serialize)]
 pub struct MethodRecord {
-    /// `exact`, `svd`, `linear`, or `train`.
+    /// `exact`, `svd`, `linear`, `ties`, `dare-linear`, `dare-ties`,
+    /// `magnitude-prune`, or `train`.
     pub name: &'static str,
     pub rank: Option<usize>,
     pub conv_rank: Option<usize>,
@@ -104,6 +105,20 @@ pub struct MethodRecord {
     /// Whether the written deltas may differ from the exact weighted sum.
     pub approximate: bool,
     pub svd_factor_split: Option<&'static str>,
+    /// ties, dare-linear, dare-ties, magnitude-prune: the fraction of each
+    /// delta's entries kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub density: Option<f64>,
+    /// ties, dare-ties: `total` or `frequency`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub majority_sign: Option<&'static str>,
+    /// dare-linear, dare-ties: the seed of the dropped entries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// What each module's `rel_error` and `energy` measure against, when it
+    /// is not the exact weighted sum.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rel_error_of: Option<&'static str>,
 }
 
 /// One merged input: as given, as resolved, its files and its own scale.

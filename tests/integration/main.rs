@@ -21,6 +21,7 @@ mod interop;
 mod layering;
 mod lycoris;
 mod man;
+mod methods;
 #[cfg(feature = "torch")]
 mod model;
 mod sd;

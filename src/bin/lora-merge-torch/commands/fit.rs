@@ -555,7 +555,10 @@ fn report(
 pub fn run(args: &FitArgs) -> Result<()> {
     let t0 = Instant::now();
     let out = OutputSettings::from_args(&args.out);
-    let merge_settings = MergeSettings::from_args(&args.merge)?;
+    let merge_settings = MergeSettings::from_args(
+        &args.merge,
+        args.merge.method.is_random().then_some(args.seed),
+    )?;
     check_flags(args)?;
     let inp = open_inputs(args, &out, &merge_settings)?;
     let mut rng = Rng(args.seed);

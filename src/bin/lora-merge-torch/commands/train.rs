@@ -88,6 +88,10 @@ fn contents<'a>(
             dtype: DType::F32,
             approximate: false,
             svd_factor_split: None,
+            density: None,
+            majority_sign: None,
+            seed: None,
+            rel_error_of: None,
         },
         BaseModelRecord {
             name: Some(args.base.clone()),
