@@ -391,6 +391,16 @@ pub struct UniformArgs {
     #[arg(long, value_name = "W", num_args = 1.., allow_negative_numbers = true)]
     pub weights: Vec<f64>,
 
+    /// Per-module weights: a JSON object mapping module-name regexes to one
+    /// weight per adapter, e.g. {"down_blocks\\.0\\.": [1, 0], "layers\\.(2[4-9]|3[01])\\.":
+    /// [0.3, 0.7]}. The first rule in the file that matches a module (its
+    /// name, or a Stable Diffusion module's diffusers path) gives its weights;
+    /// other modules get --weights (or the default). A rule that matches no
+    /// module is refused. `fit` writes its learned weights in this format
+    /// (weights.json), to merge again with another method or rank.
+    #[arg(long, value_name = "FILE")]
+    pub weights_file: Option<PathBuf>,
+
     #[command(flatten)]
     pub merge: MergeArgs,
 

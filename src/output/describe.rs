@@ -241,6 +241,13 @@ pub fn merge_contents<'a>(m: &Merge<'a>) -> Result<Contents<'a>> {
                     rel_error: x.factored.rel_error,
                     energy: x.factored.energy,
                     adapters: x.sources.clone(),
+                    weights: {
+                        let w = m.weights.for_module(&x.name);
+                        x.sources
+                            .iter()
+                            .filter_map(|&i| w.get(i).copied())
+                            .collect()
+                    },
                 },
             )
         })

@@ -164,6 +164,10 @@ pub struct ModuleRecord {
     pub energy: f64,
     /// Indices into `inputs` of the adapters that adapt this module.
     pub adapters: Vec<usize>,
+    /// The weight each of those adapters had in this module, in the same
+    /// order: the global weights, a `--weights-file` rule's, or `fit`'s.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<f64>,
 }
 
 /// One point of a loss curve.

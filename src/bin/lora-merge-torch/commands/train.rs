@@ -112,6 +112,7 @@ fn contents<'a>(
                     rel_error: 0.0,
                     energy: 1.0,
                     adapters: Vec::new(),
+                    weights: Vec::new(),
                 },
             )
         })
