@@ -333,9 +333,25 @@ pub struct MergeArgs {
     pub method: MethodArg,
 
     /// Output rank per module for --method svd, ties, dare-linear, dare-ties
-    /// and magnitude-prune.
+    /// and magnitude-prune: N, or `auto` for each module's own rank, the
+    /// smallest that meets --energy or --tolerance (at most --max-rank);
+    /// per-module ranks go to the config's rank_pattern.
+    #[arg(long, value_name = "N|auto", value_parser = parse_rank)]
+    pub rank: Option<RankArg>,
+
+    /// With --rank auto: the smallest rank keeping at least this fraction,
+    /// in (0, 1], of each module's squared Frobenius norm (its energy).
+    #[arg(long, value_name = "F")]
+    pub energy: Option<f64>,
+
+    /// With --rank auto: the smallest rank whose relative Frobenius error
+    /// is at most this, in [0, 1).
+    #[arg(long, value_name = "F")]
+    pub tolerance: Option<f64>,
+
+    /// With --rank auto: no module's rank above N (serving stacks cap it).
     #[arg(long, value_name = "N")]
-    pub rank: Option<usize>,
+    pub max_rank: Option<usize>,
 
     /// Output rank of convolutions with a spatial kernel (3x3) for the
     /// methods that take --rank (default: --rank); 1x1 convolutions get
@@ -366,6 +382,22 @@ pub struct MergeArgs {
     /// Merge adapters that name different base models.
     #[arg(long)]
     pub allow_base_mismatch: bool,
+}
+
+/// `--rank`: a number, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankArg {
+    Fixed(usize),
+    Auto,
+}
+
+fn parse_rank(s: &str) -> std::result::Result<RankArg, String> {
+    if s == "auto" {
+        return Ok(RankArg::Auto);
+    }
+    s.parse::<usize>()
+        .map(RankArg::Fixed)
+        .map_err(|_| format!("expected a whole number or `auto`, got {s:?}"))
 }
 
 #[derive(Debug, Args)]

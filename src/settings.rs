@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use crate::adapter::{AdapterSet, Format};
 use crate::cli::{
-    DTypeArg, FormatArg, InputFormat, MajoritySignArg, MergeArgs, MethodArg, OutputArgs,
+    DTypeArg, FormatArg, InputFormat, MajoritySignArg, MergeArgs, MethodArg, OutputArgs, RankArg,
 };
-use crate::compose::merge::{MajoritySign, Method};
+use crate::compose::merge::{MajoritySign, Method, Target};
 use crate::output::guard::{self, Input};
 use crate::source;
 use crate::tensors::DType;
@@ -82,11 +82,67 @@ fn method(a: &MergeArgs, seed: Option<u64>) -> Result<Method> {
     if !a.method.is_random() && seed.is_some() {
         return refuse("--seed", "dare-linear or dare-ties");
     }
+    let auto = a.rank == Some(RankArg::Auto);
+    if !auto {
+        for (flag, given) in [
+            ("--energy", a.energy.is_some()),
+            ("--tolerance", a.tolerance.is_some()),
+            ("--max-rank", a.max_rank.is_some()),
+        ] {
+            if given {
+                return Err(Error::Usage(format!(
+                    "{flag} only applies with --rank auto (each module's rank chosen from \
+                     its spectrum)"
+                )));
+            }
+        }
+    }
+    let target = if auto {
+        match (a.energy, a.tolerance) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Usage(
+                    "--rank auto takes --energy or --tolerance, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(Error::Usage(
+                    "--rank auto needs a target: --energy F (the smallest rank keeping that \
+                     fraction of each module's squared norm, e.g. 0.9) or --tolerance F (the \
+                     smallest rank with at most that relative error, e.g. 0.1)"
+                        .into(),
+                ))
+            }
+            (Some(e), None) if !(e > 0.0 && e <= 1.0) => {
+                return Err(Error::Usage(format!(
+                    "--energy must be in (0, 1] (the fraction of each module's squared norm \
+                     kept), got {e}"
+                )))
+            }
+            (None, Some(t)) if !(0.0..1.0).contains(&t) => {
+                return Err(Error::Usage(format!(
+                    "--tolerance must be in [0, 1) (the largest relative error), got {t}"
+                )))
+            }
+            (Some(e), None) => Some(Target::Energy(e)),
+            (None, Some(t)) => Some(Target::Tolerance(t)),
+        }
+    } else {
+        None
+    };
+    if a.max_rank == Some(0) {
+        return Err(Error::Usage("--max-rank must be at least 1".into()));
+    }
+    let rank_n = match a.rank {
+        Some(RankArg::Fixed(n)) => Some(n),
+        Some(RankArg::Auto) => Some(a.max_rank.unwrap_or(usize::MAX)),
+        None => None,
+    };
     let rank = if takes_rank {
-        match (a.rank, a.conv_rank) {
+        match (rank_n, a.conv_rank) {
             (None, _) => {
                 return Err(Error::Usage(format!(
-                    "--method {name} needs --rank N (the output rank per module{})",
+                    "--method {name} needs --rank N (the output rank per module{}), or \
+                     --rank auto with --energy or --tolerance",
                     if a.method.prunes() {
                         "; the pruned merge is dense, and its best rank-N approximation \
                          is written. PEFT's *_svd merges default to the largest input rank"
@@ -128,22 +184,29 @@ fn method(a: &MergeArgs, seed: Option<u64>) -> Result<Method> {
     Ok(match (a.method, rank) {
         (MethodArg::Exact, _) => Method::Exact,
         (MethodArg::Linear, _) => Method::Linear,
-        (MethodArg::Svd, Some((rank, conv_rank))) => Method::Svd { rank, conv_rank },
+        (MethodArg::Svd, Some((rank, conv_rank))) => Method::Svd {
+            rank,
+            conv_rank,
+            target,
+        },
         (MethodArg::Ties, Some((rank, conv_rank))) => Method::Ties {
             rank,
             conv_rank,
+            target,
             density,
             majority_sign,
         },
         (MethodArg::DareLinear, Some((rank, conv_rank))) => Method::DareLinear {
             rank,
             conv_rank,
+            target,
             density,
             seed,
         },
         (MethodArg::DareTies, Some((rank, conv_rank))) => Method::DareTies {
             rank,
             conv_rank,
+            target,
             density,
             majority_sign,
             seed,
@@ -151,6 +214,7 @@ fn method(a: &MergeArgs, seed: Option<u64>) -> Result<Method> {
         (MethodArg::MagnitudePrune, Some((rank, conv_rank))) => Method::MagnitudePrune {
             rank,
             conv_rank,
+            target,
             density,
         },
         (m, None) => {

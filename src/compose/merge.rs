@@ -31,6 +31,10 @@ pub enum Method {
         rank: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
         conv_rank: Option<usize>,
+        /// `--rank auto`: each module's rank is the smallest that meets
+        /// this target, at most `rank` (`--max-rank`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        target: Option<Target>,
     },
     Linear,
     /// Magnitude pruning, sign election, disjoint mean.
@@ -38,6 +42,10 @@ pub enum Method {
         rank: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
         conv_rank: Option<usize>,
+        /// `--rank auto`: each module's rank is the smallest that meets
+        /// this target, at most `rank` (`--max-rank`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        target: Option<Target>,
         density: f64,
         majority_sign: MajoritySign,
     },
@@ -46,6 +54,10 @@ pub enum Method {
         rank: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
         conv_rank: Option<usize>,
+        /// `--rank auto`: each module's rank is the smallest that meets
+        /// this target, at most `rank` (`--max-rank`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        target: Option<Target>,
         density: f64,
         seed: u64,
     },
@@ -54,6 +66,10 @@ pub enum Method {
         rank: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
         conv_rank: Option<usize>,
+        /// `--rank auto`: each module's rank is the smallest that meets
+        /// this target, at most `rank` (`--max-rank`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        target: Option<Target>,
         density: f64,
         majority_sign: MajoritySign,
         seed: u64,
@@ -63,12 +79,51 @@ pub enum Method {
         rank: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
         conv_rank: Option<usize>,
+        /// `--rank auto`: each module's rank is the smallest that meets
+        /// this target, at most `rank` (`--max-rank`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        target: Option<Target>,
         density: f64,
     },
 }
 
 /// The seed DARE uses when none is given.
 pub const DEFAULT_SEED: u64 = 0;
+
+/// What `--rank auto` asks of each module's rank.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// The smallest rank keeping at least this share of the squared
+    /// Frobenius norm (`--energy`).
+    Energy(f64),
+    /// The smallest rank whose relative Frobenius error is at most this
+    /// (`--tolerance`).
+    Tolerance(f64),
+}
+
+impl Target {
+    /// The smallest `r` (at most `s.len()`) that meets the target, given
+    /// the singular values `s` (descending) of the best approximation so
+    /// far and the squared norm `total` of the whole delta.
+    pub fn rank(&self, s: &[f64], total: f64) -> usize {
+        if total <= 0.0 {
+            return 0;
+        }
+        let need = match *self {
+            Target::Energy(e) => e * total,
+            Target::Tolerance(t) => (1.0 - t * t) * total,
+        };
+        let mut kept = 0.0;
+        for (i, x) in s.iter().enumerate() {
+            if kept >= need * (1.0 - 1e-12) {
+                return i;
+            }
+            kept += x * x;
+        }
+        s.len()
+    }
+}
 
 impl Method {
     /// The output rank `svd` gives a module of this kind.
@@ -91,11 +146,26 @@ impl Method {
         }
     }
 
-    /// `--rank` and `--conv-rank`, for the methods that truncate to a rank.
+    /// `--rank auto`'s target, for the methods that truncate to a rank.
+    pub fn target(&self) -> Option<Target> {
+        match *self {
+            Method::Exact | Method::Linear => None,
+            Method::Svd { target, .. }
+            | Method::Ties { target, .. }
+            | Method::DareLinear { target, .. }
+            | Method::DareTies { target, .. }
+            | Method::MagnitudePrune { target, .. } => target,
+        }
+    }
+
+    /// `--rank` (with `--rank auto`, the cap: `--max-rank`, or unbounded)
+    /// and `--conv-rank`, for the methods that truncate to a rank.
     pub fn output_rank(&self) -> Option<(usize, Option<usize>)> {
         match *self {
             Method::Exact | Method::Linear => None,
-            Method::Svd { rank, conv_rank }
+            Method::Svd {
+                rank, conv_rank, ..
+            }
             | Method::Ties {
                 rank, conv_rank, ..
             }
@@ -159,7 +229,10 @@ impl Method {
     /// beyond the rank read as their name.
     pub fn describe(&self) -> String {
         let Some(how) = self.task() else {
-            return self.name().to_string();
+            return match self.target() {
+                Some(_) => format!("{} ({})", self.name(), self.describe_rank().join(", ")),
+                None => self.name().to_string(),
+            };
         };
         let mut parts = vec![format!("density {}", how.density)];
         if let Some(sign) = how.elect {
@@ -168,13 +241,34 @@ impl Method {
         if let Some(seed) = self.seed() {
             parts.push(format!("seed {seed}"));
         }
+        parts.extend(self.describe_rank());
+        format!("{} ({})", self.name(), parts.join(", "))
+    }
+
+    /// How the output rank is chosen, for the card: `rank 16`, `rank auto
+    /// (energy 0.9, at most 64)`, with the conv rank if any.
+    fn describe_rank(&self) -> Vec<String> {
+        let mut parts = Vec::new();
         if let Some((rank, conv_rank)) = self.output_rank() {
-            parts.push(format!("rank {rank}"));
+            match self.target() {
+                None => parts.push(format!("rank {rank}")),
+                Some(t) => {
+                    let t = match t {
+                        Target::Energy(e) => format!("energy {e}"),
+                        Target::Tolerance(x) => format!("tolerance {x}"),
+                    };
+                    if rank == usize::MAX {
+                        parts.push(format!("rank auto ({t})"));
+                    } else {
+                        parts.push(format!("rank auto ({t}, at most {rank})"));
+                    }
+                }
+            }
             if let Some(c) = conv_rank {
                 parts.push(format!("conv rank {c}"));
             }
         }
-        format!("{} ({})", self.name(), parts.join(", "))
+        parts
     }
 }
 
@@ -449,11 +543,16 @@ fn merge_module(
     };
     let factored = match (method, method.task(), method.output_rank()) {
         (Method::Exact, ..) => math::exact(m, n, &terms),
-        (Method::Svd { rank, conv_rank }, ..) => math::svd(
+        (
+            Method::Svd {
+                rank, conv_rank, ..
+            },
+            ..,
+        ) => math::svd(
             m,
             n,
             &terms,
-            Method::svd_rank_for(rank, conv_rank, &first.kind),
+            Method::svd_rank_for(rank, conv_rank, &first.kind).min(m.min(n)),
         )
         .map_err(invalid)?,
         (Method::Linear, ..) => math::linear(m, n, &terms).map_err(|why| {
@@ -470,7 +569,7 @@ fn merge_module(
                 &terms,
                 &how,
                 &seeds,
-                Method::svd_rank_for(rank, conv_rank, &first.kind),
+                Method::svd_rank_for(rank, conv_rank, &first.kind).min(m.min(n)),
             )
             .map_err(invalid)?
         }
@@ -480,6 +579,10 @@ fn merge_module(
                 other.name()
             )))
         }
+    };
+    let factored = match method.target() {
+        Some(target) => adapt_rank(factored, m, n, target),
+        None => factored,
     };
     // Done with this module's inputs: let their pages go (see TensorRef::release).
     drop(terms);
@@ -498,6 +601,50 @@ fn merge_module(
         factored,
         spilled: None,
     })
+}
+
+/// `--rank auto`: keep the leading `r` singular directions of the best
+/// approximation `f` (rank at most the cap), `r` the smallest that meets
+/// `target`. The truncating methods write `f` as singular directions in
+/// descending order (`b`'s columns and `a`'s rows orthogonal, their norms'
+/// product the singular value), so its leading `r` are the best rank-`r`
+/// approximation (Eckart–Young) and nothing is recomputed. The squared
+/// norm of the whole delta is what `f` keeps over its `energy`; the error
+/// and energy recorded are those of the rank kept.
+fn adapt_rank(f: Factored, m: usize, n: usize, target: Target) -> Factored {
+    let r0 = f.rank;
+    if r0 == 0 || f.energy <= 0.0 {
+        return f;
+    }
+    let s: Vec<f64> = (0..r0)
+        .map(|i| {
+            let a2: f64 = f.a[i * n..(i + 1) * n]
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum();
+            let b2: f64 = (0..m).map(|row| f64::from(f.b[row * r0 + i]).powi(2)).sum();
+            (a2 * b2).sqrt()
+        })
+        .collect();
+    let kept0: f64 = s.iter().map(|x| x * x).sum();
+    let total = kept0 / f.energy;
+    let r = target.rank(&s, total).min(r0);
+    if r == r0 {
+        return f;
+    }
+    let kept: f64 = s[..r].iter().map(|x| x * x).sum();
+    let energy = (kept / total).clamp(0.0, 1.0);
+    let a = f.a[..r * n].to_vec();
+    let b = (0..m)
+        .flat_map(|row| f.b[row * r0..row * r0 + r].iter().copied())
+        .collect();
+    Factored {
+        rank: r,
+        a,
+        b,
+        rel_error: (1.0 - energy).max(0.0).sqrt(),
+        energy,
+    }
 }
 
 #[cfg(test)]
@@ -522,11 +669,65 @@ mod tests {
 
     const DARE_TIES: Method = Method::DareTies {
         rank: 4,
+        target: None,
         conv_rank: None,
         density: 0.5,
         majority_sign: MajoritySign::Total,
         seed: 3,
     };
+
+    #[test]
+    fn rank_auto_keeps_the_leading_directions_that_meet_the_target() {
+        // Random factors: a spectrum with no structure. Both routes of the
+        // svd (QR of the factors when k < min(m, n), else the dense delta).
+        for (m, n, ranks) in [(20, 16, vec![3, 4, 5]), (9, 7, vec![4, 5])] {
+            let mut rng = crate::rng::Rng(11);
+            let fac: Vec<(usize, Vec<f32>, Vec<f32>)> = ranks
+                .iter()
+                .map(|&r| (r, rng.symmetric_vec(r * n), rng.symmetric_vec(m * r)))
+                .collect();
+            let terms: Vec<Term> = fac
+                .iter()
+                .map(|(r, a, b)| Term {
+                    weight: 0.7,
+                    scale: 1.5,
+                    rank: *r,
+                    a,
+                    b,
+                })
+                .collect();
+            let k: usize = ranks.iter().sum::<usize>().min(m.min(n));
+            let svd = |rank: usize| math::svd(m, n, &terms, rank).unwrap();
+            let auto = |rank: usize, t: Target| adapt_rank(svd(rank), m, n, t);
+            assert_eq!(auto(k, Target::Energy(1.0)).rank, k, "the full spectrum");
+            for target in [0.3, 0.5, 0.8, 0.95, 0.999] {
+                let got = auto(k, Target::Energy(target));
+                let r = got.rank;
+                assert!(got.energy >= target - 1e-6, "{target}: {got:?}");
+                // The smallest such rank: one less falls short.
+                assert!(r >= 1 && svd(r - 1).energy < target, "{target}: rank {r}");
+                // The same factors as asking for rank r directly, and the
+                // same error and energy.
+                let fixed = svd(r);
+                assert_eq!(got.a, fixed.a);
+                assert_eq!(got.b, fixed.b);
+                assert!(
+                    (got.rel_error - fixed.rel_error).abs() < 1e-5,
+                    "{got:?} {fixed:?}"
+                );
+                assert!((got.energy - fixed.energy).abs() < 1e-5);
+                // A tolerance is the same rule on the error.
+                let tol = (1.0 - target).sqrt();
+                let by_tol = auto(k, Target::Tolerance(tol));
+                assert_eq!(by_tol.rank, r, "tolerance {tol}");
+                // And the cap wins.
+                assert_eq!(auto(2, Target::Energy(target)).rank, r.min(2));
+            }
+        }
+        assert_eq!(Target::Energy(0.5).rank(&[3.0, 2.0, 1.0], 0.0), 0);
+        assert_eq!(Target::Energy(0.5).rank(&[3.0, 2.0, 1.0], 14.0), 1);
+        assert_eq!(Target::Tolerance(0.0).rank(&[3.0, 2.0, 1.0], 14.0), 3);
+    }
 
     #[test]
     fn dare_seed_depends_on_seed_module_and_adapter_only() {
@@ -564,6 +765,7 @@ mod tests {
         assert_eq!(one, run(3, DARE_TIES));
         let other = Method::DareTies {
             rank: 4,
+            target: None,
             conv_rank: None,
             density: 0.5,
             majority_sign: MajoritySign::Total,
@@ -588,6 +790,7 @@ mod tests {
         );
         let mp = Method::MagnitudePrune {
             rank: 8,
+            target: None,
             conv_rank: Some(2),
             density: 0.2,
         };
@@ -598,6 +801,7 @@ mod tests {
         assert_eq!(
             Method::Svd {
                 rank: 4,
+                target: None,
                 conv_rank: None
             }
             .describe(),
@@ -618,6 +822,7 @@ mod tests {
             &set,
             Method::Svd {
                 rank: 4,
+                target: None,
                 conv_rank: None,
             },
             dtype,

@@ -172,8 +172,13 @@ pub fn merge_contents<'a>(m: &Merge<'a>) -> Result<Contents<'a>> {
     let mut manifest = Manifest::new(
         MethodRecord {
             name: m.method.name(),
-            rank: m.method.output_rank().map(|(rank, _)| rank),
+            rank: m
+                .method
+                .output_rank()
+                .map(|(rank, _)| rank)
+                .filter(|&r| r != usize::MAX),
             conv_rank: m.method.output_rank().and_then(|(_, conv_rank)| conv_rank),
+            rank_target: m.method.target(),
             output_format: m.format,
             dtype: m.dtype,
             approximate: m.method != Method::Exact,

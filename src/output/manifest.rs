@@ -98,8 +98,13 @@ pub struct MethodRecord {
     /// `exact`, `svd`, `linear`, `ties`, `dare-linear`, `dare-ties`,
     /// `magnitude-prune`, or `train`.
     pub name: &'static str,
+    /// The output rank; with `rank_target`, the cap (`--max-rank`), absent
+    /// when there is none. Each module's own rank is in `modules`.
     pub rank: Option<usize>,
     pub conv_rank: Option<usize>,
+    /// `--rank auto`: `{"energy": F}` or `{"tolerance": F}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank_target: Option<crate::compose::merge::Target>,
     pub output_format: Format,
     pub dtype: DType,
     /// Whether the written deltas may differ from the exact weighted sum.

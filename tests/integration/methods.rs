@@ -110,6 +110,54 @@ fn pruning_methods_refuse_bad_and_ignored_flags() {
             ],
             "invalid value",
         ),
+        // --rank auto and its targets.
+        (
+            &["--method", "svd", "--rank", "auto"],
+            "--rank auto needs a target",
+        ),
+        (
+            &[
+                "--method",
+                "svd",
+                "--rank",
+                "auto",
+                "--energy",
+                "0.9",
+                "--tolerance",
+                "0.1",
+            ],
+            "not both",
+        ),
+        (
+            &["--method", "svd", "--rank", "auto", "--energy", "1.5"],
+            "--energy must be in (0, 1]",
+        ),
+        (
+            &["--method", "svd", "--rank", "auto", "--tolerance", "1"],
+            "--tolerance must be in [0, 1)",
+        ),
+        (
+            &["--method", "svd", "--rank", "8", "--energy", "0.9"],
+            "--energy only applies with --rank auto",
+        ),
+        (
+            &["--method", "svd", "--rank", "8", "--max-rank", "4"],
+            "--max-rank only applies with --rank auto",
+        ),
+        (
+            &[
+                "--method",
+                "svd",
+                "--rank",
+                "auto",
+                "--energy",
+                "0.9",
+                "--max-rank",
+                "0",
+            ],
+            "--max-rank must be at least 1",
+        ),
+        (&["--method", "svd", "--rank", "most"], "`auto`"),
     ];
     for (flags, why) in cases {
         let mut args = vec!["uniform", "--adapters", &a, &b, "-o", out.to_str().unwrap()];
@@ -145,6 +193,39 @@ fn pruning_methods_refuse_bad_and_ignored_flags() {
         card.contains("dare-ties (density 0.5, majority sign frequency, seed 9, rank 4)"),
         "{card}"
     );
+    // --rank auto applies to the pruning methods too, and the card says so.
+    let o = run(&[
+        "uniform",
+        "--adapters",
+        &a,
+        &b,
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+        "--rank",
+        "auto",
+        "--energy",
+        "0.8",
+        "--max-rank",
+        "6",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("rank auto (energy 0.8, at most 6)"), "{card}");
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("merge_manifest.json")).unwrap()).unwrap();
+    for (name, m) in man["modules"].as_object().unwrap() {
+        let r = m["rank"].as_u64().unwrap();
+        assert!((1..=6).contains(&r), "{name}: {m}");
+        assert!(
+            m["energy"].as_f64().unwrap() >= 0.8 - 1e-6 || r == 6,
+            "{name}: {m}"
+        );
+    }
 }
 
 #[test]

@@ -84,6 +84,7 @@ fn contents<'a>(
             name: "train",
             rank: Some(args.rank),
             conv_rank: None,
+            rank_target: None,
             output_format: Format::Peft,
             dtype: DType::F32,
             approximate: false,
