@@ -115,10 +115,17 @@ lora-merge eval --base ./all-MiniLM-L6-v2 --adapter ./topics --task classify --s
     /// prototypes, or a linear head) while part of the shots is held out to
     /// choose the best step. The learned weights are then merged exactly as
     /// `uniform` does, into OUT with the manifest (losses, weights, seed,
-    /// shots hash), the model card and a heatmap of the weights.
+    /// shots hash), the model card and a heatmap of the weights, and
+    /// OUT/weights.json for `uniform --weights-file`.
+    ///
+    /// `--optimizer gradient-free` is LoraHub's recipe instead: one free
+    /// weight per adapter in [-1.5, 1.5], found by a CMA-ES search of
+    /// `--budget` forward passes that minimises the training loss plus
+    /// 0.05 x mean |w|; no gradients, no softmax.
     #[command(after_help = "Examples:\n  \
 lora-merge fit --base ./Llama-3.2-1B --adapters ./a ./b ./c --shots shots.jsonl -o learned\n  \
 lora-merge fit --base ./all-MiniLM-L6-v2 --adapters-file upstream.txt --shots k5.jsonl --task classify -o learned --granularity layer\n  \
+lora-merge fit --base ./all-MiniLM-L6-v2 --adapters-file upstream.txt --shots k5.jsonl --task classify -o lorahub --optimizer gradient-free --budget 40\n  \
 lora-merge fit --base ./Llama-3.2-1B --adapters ./a ./b --shots shots.jsonl -o learned --dry-run")]
     Fit(FitArgs),
     /// Train an ordinary LoRA on labelled examples (needs libtorch).
@@ -596,6 +603,15 @@ pub enum GranularityArg {
     Global,
 }
 
+/// How `fit` learns its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    /// Adam on the softmax logits of every weight group.
+    Adam,
+    /// CMA-ES over one weight per adapter, no gradients (LoraHub).
+    GradientFree,
+}
+
 /// The classifier used by `fit --task classify`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum HeadArg {
@@ -633,15 +649,29 @@ pub struct FitArgs {
     #[arg(long, value_enum)]
     pub task: Option<TaskArg>,
 
-    /// Which modules share a weight vector.
-    #[arg(long, value_enum, default_value_t = GranularityArg::Module)]
-    pub granularity: GranularityArg,
+    /// Which modules share a weight vector (default: module; the
+    /// gradient-free optimizer learns one for the whole model).
+    #[arg(long, value_enum)]
+    pub granularity: Option<GranularityArg>,
 
-    /// Optimisation steps (Adam).
+    /// How the weights are learned. adam (default): gradient steps on
+    /// softmax weights, from the uniform merge. gradient-free: LoraHub's
+    /// recipe, a CMA-ES search of one weight per adapter in [-1.5, 1.5]
+    /// with an L1 penalty, forward passes only (see --budget).
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Adam)]
+    pub optimizer: OptimizerArg,
+
+    /// --optimizer gradient-free: evaluations of the loss on the training
+    /// shots (one forward pass each), the uniform merge first [default: 40,
+    /// LoraHub's].
+    #[arg(long, value_name = "N")]
+    pub budget: Option<usize>,
+
+    /// Optimisation steps (--optimizer adam).
     #[arg(long, value_name = "N", default_value_t = 50)]
     pub steps: usize,
 
-    /// Learning rate of the composition logits.
+    /// Learning rate of the composition logits (--optimizer adam).
     #[arg(long, value_name = "F", default_value_t = 0.05)]
     pub lr: f64,
 

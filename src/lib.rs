@@ -19,6 +19,7 @@ pub mod oom;
 pub mod output;
 pub mod resources;
 pub mod rng;
+pub mod search;
 pub mod settings;
 pub mod source;
 pub mod tensors;

@@ -238,6 +238,9 @@ pub struct FitHyperParameters {
     pub prototype_scale: Option<f64>,
     pub max_length: usize,
     pub optimizer: &'static str,
+    /// Evaluations of the gradient-free search.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<usize>,
     pub softmax: &'static str,
 }
 

@@ -833,6 +833,78 @@ fn fit_finds_the_adapter_trained_for_the_task_and_peft_reloads_it() {
     println!("held-out file: learned {learned}, uniform {uniform}, base {base_loss}");
     assert!(learned < 0.5 * uniform && uniform < base_loss);
 
+    // LoraHub's gradient-free search finds the same adapter, spends exactly
+    // its budget, starts from the uniform merge, and one seed gives one
+    // answer.
+    let hub_out = dir.path().join("lorahub");
+    let mut hub_args = args.clone();
+    let at = hub_args.iter().position(|a| *a == "-o").unwrap();
+    hub_args[at + 1] = p(&hub_out);
+    hub_args.extend(["--optimizer", "gradient-free", "--budget", "60", "--force"]);
+    let fit_hub = || {
+        let o = run(&hub_args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()
+    };
+    let r = fit_hub();
+    let w: Vec<f64> = r["weights_mean"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    println!("LoraHub weights {w:?}, validation {}", r["validation"]);
+    let top = (0..w.len()).max_by(|&i, &j| w[i].total_cmp(&w[j])).unwrap();
+    assert_eq!(top, target, "LoraHub weights {w:?}");
+    assert!(w.iter().all(|x| x.abs() <= 1.5), "{w:?}");
+    assert_eq!(r["loss_curve"].as_array().unwrap().len(), 60);
+    assert_eq!(r["optimizer"], "gradientfree");
+    let hub_loss = |k: &str| r["validation"][k]["loss"].as_f64().unwrap();
+    assert!(
+        hub_loss("learned") < 0.5 * hub_loss("uniform"),
+        "{}",
+        r["validation"]
+    );
+    let manifest = read_json(&hub_out.join("merge_manifest.json"));
+    assert_eq!(manifest["fit"]["hyper_parameters"]["budget"], 60);
+    assert_eq!(manifest["fit"]["groups"].as_array().unwrap().len(), 1);
+    let first = std::fs::read(hub_out.join("adapter_model.safetensors")).unwrap();
+    fit_hub();
+    let again = std::fs::read(hub_out.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        first == again,
+        "two gradient-free fits with one seed differ"
+    );
+    let hub_loss_file = eval(&["--adapter", p(&hub_out)]);
+    println!("held-out file: LoraHub {hub_loss_file}");
+    assert!(hub_loss_file < 0.5 * uniform);
+    // Its flags are refused where they mean nothing.
+    let base_flags = [
+        "fit",
+        "--base",
+        p(&base),
+        "--shots",
+        p(&shots),
+        "-o",
+        p(&hub_out),
+    ];
+    for (extra, needles) in [
+        (&["--budget", "10"][..], &["--budget", "gradient-free"][..]),
+        (
+            &["--optimizer", "gradient-free", "--granularity", "module"],
+            &["--granularity module", "one weight per adapter"],
+        ),
+        (
+            &["--optimizer", "gradient-free", "--budget", "0"],
+            &["--budget 0", "1 to"],
+        ),
+    ] {
+        let mut a = base_flags.to_vec();
+        a.extend(["--adapters", p(&adapters[0])]);
+        a.extend(extra);
+        assert_refused(&a, needles);
+    }
+
     let o = common::command(&python)
         .arg(repo().join("tests/python/fit_reload.py"))
         .args([

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use lora_merge::adapter::{AdapterSet, CompatReport, Format};
 use lora_merge::checkpoint::ModelDir;
-use lora_merge::cli::{FitArgs, GranularityArg, HeadArg};
+use lora_merge::cli::{FitArgs, GranularityArg, HeadArg, OptimizerArg};
 use lora_merge::compose::merge::{self, Weights};
 use lora_merge::compose::weights_file::WeightRules;
 use lora_merge::data::Task;
@@ -24,6 +24,7 @@ use lora_merge::output::manifest::{
 };
 use lora_merge::output::{heatmap, writer};
 use lora_merge::rng::Rng;
+use lora_merge::search;
 use lora_merge::settings::{self, MergeSettings, OutputSettings};
 use lora_merge::ui::{human_bytes, print_json, progress};
 use lora_merge::{Error, Result};
@@ -42,11 +43,42 @@ use crate::training::{
     check_rate, check_steps, load_shots, open_base, split, Shots, Trainer, PROTO_SCALE,
 };
 
-fn granularity(g: GranularityArg) -> Grouping {
-    match g {
+/// The weight groups of a run: `--granularity` (default module); one for
+/// the whole model with the gradient-free optimizer.
+fn granularity(args: &FitArgs) -> Grouping {
+    if args.optimizer == OptimizerArg::GradientFree {
+        return Grouping::Global;
+    }
+    match args.granularity.unwrap_or(GranularityArg::Module) {
         GranularityArg::Module => Grouping::Module,
         GranularityArg::Layer => Grouping::Layer,
         GranularityArg::Global => Grouping::Global,
+    }
+}
+
+/// LoraHub's search (Huang et al. 2023, `lorahub/algorithm.py`): weights in
+/// [-1.5, 1.5], an L1 penalty of 0.05 x mean |w| added to the loss, 40
+/// evaluations by default. The search starts from the uniform merge (LoraHub
+/// starts from zero, the base model) so that its first point is the same
+/// baseline as Adam's step 0, with LoraHub's step size of a sixth of the box.
+const GF_BOUND: f64 = 1.5;
+const GF_L1: f64 = 0.05;
+const GF_BUDGET: usize = 40;
+const GF_SIGMA: f64 = 2.0 * GF_BOUND / 6.0;
+
+/// The evaluations of a gradient-free run.
+fn budget(args: &FitArgs) -> usize {
+    args.budget.unwrap_or(GF_BUDGET)
+}
+
+/// How the weights were learned, for the card and the report.
+fn schedule(args: &FitArgs) -> String {
+    match args.optimizer {
+        OptimizerArg::Adam => format!("{} Adam steps", args.steps),
+        OptimizerArg::GradientFree => format!(
+            "a gradient-free search (CMA-ES, LoraHub's recipe) of {} evaluations",
+            budget(args)
+        ),
     }
 }
 
@@ -116,8 +148,44 @@ fn check_flags(args: &FitArgs) -> Result<()> {
         return Err(Error::Usage("--val-fraction must be in [0, 1)".into()));
     }
     check_rate("--lr", args.lr)?;
-    check_rate("--head-lr", args.head_lr)
+    check_rate("--head-lr", args.head_lr)?;
+    match args.optimizer {
+        OptimizerArg::Adam => {
+            if args.budget.is_some() {
+                return Err(Error::Usage(
+                    "--budget counts the evaluations of --optimizer gradient-free; Adam runs                      --steps steps"
+                        .into(),
+                ));
+            }
+        }
+        OptimizerArg::GradientFree => {
+            if let Some(g @ (GranularityArg::Module | GranularityArg::Layer)) = args.granularity {
+                return Err(Error::Usage(format!(
+                    "--granularity {}: --optimizer gradient-free learns one weight per adapter                      for the whole model (as LoraHub); use --optimizer adam for per-{} weights",
+                    format!("{g:?}").to_lowercase(),
+                    format!("{g:?}").to_lowercase()
+                )));
+            }
+            if args.head == HeadArg::Linear {
+                return Err(Error::Usage(
+                    "--head linear is trained by gradient steps; use --optimizer adam with it"
+                        .into(),
+                ));
+            }
+            if !(1..=MAX_BUDGET).contains(&budget(args)) {
+                return Err(Error::Usage(format!(
+                    "--budget {}: use 1 to {MAX_BUDGET} evaluations (LoraHub uses 40)",
+                    budget(args)
+                )));
+            }
+        }
+    }
+    Ok(())
 }
+
+/// The most evaluations a gradient-free run may make: each is a point of the
+/// curve in the manifest.
+const MAX_BUDGET: usize = 100_000;
 
 /// Everything a fit reads, checked against OUT as given and as resolved.
 struct Inputs {
@@ -197,7 +265,7 @@ fn split_shots(args: &FitArgs, inp: &Inputs, rng: &mut Rng) -> Result<Split> {
 /// `--dry-run`: what a fit would train and roughly what memory it needs.
 fn print_plan(args: &FitArgs, inp: &Inputs, sp: &Split) -> Result<()> {
     let (dir, set) = (&inp.dir, &inp.set);
-    let grouping = granularity(args.granularity);
+    let grouping = granularity(args);
     let groups = planned_groups(set, grouping).len();
     let classes = sp.shots.labels().len();
     let hidden = dir.arch.hidden_size();
@@ -272,8 +340,11 @@ struct Learned {
 
 /// Load the model with the adapters composed in, and learn the weights.
 fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learned> {
+    if args.optimizer == OptimizerArg::GradientFree {
+        return learn_gradient_free(args, inp, sp);
+    }
     let n = inp.set.adapters.len();
-    let grouping = granularity(args.granularity);
+    let grouping = granularity(args);
     let dev = device(args.device)?;
     tch::manual_seed(args.seed as i64);
     let model = Model::load(&inp.dir, Some(&inp.set), grouping, Kind::Float, dev)?;
@@ -368,6 +439,104 @@ fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learn
     })
 }
 
+/// `--optimizer gradient-free`: LoraHub's search of one weight per adapter.
+/// Point `i` of the curve is evaluation `i` (0: the uniform merge); its
+/// train loss is the loss without the penalty. The kept point has the lowest
+/// penalised loss on the training shots, as in LoraHub; held-out shots score
+/// the start and the kept point only.
+fn learn_gradient_free(args: &FitArgs, inp: &Inputs, sp: Split) -> Result<Learned> {
+    let n = inp.set.adapters.len();
+    let dev = device(args.device)?;
+    tch::manual_seed(args.seed as i64);
+    let model = Model::load(&inp.dir, Some(&inp.set), Grouping::Global, Kind::Float, dev)?;
+    let (train, val) = (&sp.train, &sp.val);
+    let budget = budget(args);
+    lora_merge::ui::note(&format!(
+        "fit: {n} adapters, one weight each, gradient-free search of {budget} evaluations on {} \
+         ({} train / {} held-out shots)",
+        device_name(dev),
+        train.len(),
+        val.len()
+    ));
+    let labels = sp.shots.labels();
+    let t = Instant::now();
+    let trainer = Trainer {
+        model: &model,
+        shots: sp.shots,
+        head: None,
+    };
+    let mix = |w: &[f64]| vec![Tensor::from_slice(w).to_kind(Kind::Float).to_device(dev)];
+    let batch = args.batch_size;
+    let (trace, losses, base_val, start_val, kept_val) = catching(|| {
+        let base_val = (!val.is_empty()).then(|| trainer.val_loss(train, val, &[], batch));
+        let bar = progress(budget as u64, "fit");
+        let mut losses = Vec::with_capacity(budget);
+        let problem = search::Problem {
+            start: vec![1.0 / n as f64; n],
+            sigma: GF_SIGMA,
+            lower: -GF_BOUND,
+            upper: GF_BOUND,
+            budget,
+            seed: args.seed,
+        };
+        let trace = search::minimize(&problem, |w| {
+            let loss = trainer.loss_value(train, &mix(w), batch);
+            if !loss.is_finite() {
+                return Err(Error::Diverged(format!(
+                    "the training loss became {loss} at weights {w:?}: the model gives \
+                     non-finite outputs there; nothing was written"
+                )));
+            }
+            losses.push(loss);
+            bar.set_message(format!("loss {loss:.4}"));
+            bar.inc(1);
+            Ok(loss + GF_L1 * w.iter().map(|x| x.abs()).sum::<f64>() / n as f64)
+        })?;
+        bar.finish_and_clear();
+        let held =
+            |w: &[f64]| (!val.is_empty()).then(|| trainer.val_loss(train, val, &mix(w), batch));
+        let start_val = held(&trace.evaluations[0].x);
+        let kept_val = held(&trace.evaluations[trace.best].x);
+        Ok((trace, losses, base_val, start_val, kept_val))
+    })?;
+    let seconds = t.elapsed().as_secs_f64();
+    let curve: Vec<LossPoint> = losses
+        .iter()
+        .enumerate()
+        .map(|(i, &train_loss)| {
+            let held = if i == trace.best {
+                kept_val
+            } else if i == 0 {
+                start_val
+            } else {
+                None
+            };
+            LossPoint {
+                step: i,
+                train_loss,
+                val_loss: held.map(|h| h.0),
+                val_accuracy: held.and_then(|h| h.1),
+            }
+        })
+        .collect();
+    let w = trace.evaluations[trace.best].x.clone();
+    Ok(Learned {
+        curve,
+        best_step: trace.best,
+        base_val,
+        group_names: model.groups.clone(),
+        group_weights: vec![w.clone()],
+        weights: Weights {
+            global: w,
+            per_module: BTreeMap::new(),
+        },
+        head: None,
+        labels,
+        device: device_name(dev),
+        seconds,
+    })
+}
+
 fn score(p: &LossPoint) -> Score {
     Score {
         loss: p.val_loss,
@@ -399,16 +568,16 @@ fn card_section(
     adapters: &[String],
 ) -> String {
     let (count, n_train, n_val) = sp_counts;
-    let grouping = granularity(args.granularity);
+    let grouping = granularity(args);
     format!(
         "## Learned composition\n\n\
          Weights learned by `lora-merge fit` on {count} shots ({n_train} for training, {n_val} \
-         held out; task {}) over {} steps, {} weight groups ({} granularity). Held-out loss: \
-         base model {}, uniform merge {}, learned {} (step {}).\n\n\
+         held out; task {}) by {}, {} weight groups ({} granularity). Held-out loss: \
+         base model {}, uniform merge {}, learned {} (point {}).\n\n\
          ![learned weights per group and adapter](weights.svg)\n\n\
          | adapter | mean weight | min | max |\n|---|---|---|---|\n{}",
         task.name(),
-        args.steps,
+        schedule(args),
         l.group_names.len(),
         format!("{grouping:?}").to_lowercase(),
         fmt_loss(l.base_val.map(|b| b.0)),
@@ -466,12 +635,21 @@ fn fit_record(
             head_lr: args.head_lr,
             batch_size: args.batch_size,
             val_fraction: args.val_fraction,
-            granularity: format!("{:?}", granularity(args.granularity)).to_lowercase(),
+            granularity: format!("{:?}", granularity(args)).to_lowercase(),
             head: (task == Task::Classify).then(|| format!("{:?}", args.head).to_lowercase()),
             prototype_scale: (task == Task::Classify).then_some(PROTO_SCALE),
             max_length: max_len,
-            optimizer: "adam",
-            softmax: "true (not detached)",
+            optimizer: match args.optimizer {
+                OptimizerArg::Adam => "adam",
+                OptimizerArg::GradientFree => "cma-es (gradient-free, LoraHub)",
+            },
+            budget: (args.optimizer == OptimizerArg::GradientFree).then(|| budget(args)),
+            softmax: match args.optimizer {
+                OptimizerArg::Adam => "true (not detached)",
+                OptimizerArg::GradientFree => {
+                    "false: weights in [-1.5, 1.5], loss + 0.05 x mean |w| minimised"
+                }
+            },
         },
         seed: args.seed,
         device: l.device.clone(),
@@ -518,7 +696,9 @@ fn report(
             "device": l.device,
             "adapters": adapters,
             "groups": l.group_names.len(),
+            "optimizer": format!("{:?}", args.optimizer).to_lowercase(),
             "steps": args.steps,
+            "budget": (args.optimizer == OptimizerArg::GradientFree).then(|| budget(args)),
             "best_step": l.best_step,
             "loss_curve": l.curve,
             "validation": {"base": v.base, "uniform": v.uniform, "learned": v.learned},
@@ -532,13 +712,13 @@ fn report(
         lora_merge::ui::note(&format!("held-out loss: base {loss:.4}{}", acc(a)));
     }
     lora_merge::ui::note(&format!(
-        "held-out loss: uniform {}{}  ->  learned {}{} (step {} of {}; train loss {:.4} -> {:.4})",
+        "held-out loss: uniform {}{}  ->  learned {}{} (point {} of {}; train loss {:.4} -> {:.4})",
         fmt_loss(uniform.val_loss),
         acc(uniform.val_accuracy),
         fmt_loss(learned.val_loss),
         acc(learned.val_accuracy),
         l.best_step,
-        args.steps,
+        l.curve.len() - 1,
         uniform.train_loss,
         learned.train_loss
     ));

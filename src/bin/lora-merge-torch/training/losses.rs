@@ -179,6 +179,37 @@ impl Trainer<'_> {
         }
     }
 
+    /// The training loss on `idx` as [`Trainer::train_loss`] computes it
+    /// on one batch of them all, without gradients, embedding in batches of
+    /// `batch` (what a gradient-free search evaluates).
+    pub fn loss_value(&self, idx: &[usize], mix: &[Tensor], batch: usize) -> f64 {
+        let _g = tch::no_grad_guard();
+        match &self.shots {
+            Shots::Causal(toks) => {
+                let (mut total, mut n) = (0.0, 0usize);
+                for chunk in idx.chunks(batch) {
+                    let b: Vec<&Tokenized> = chunk.iter().map(|&i| &toks[i]).collect();
+                    let (nll, k) = causal_nll(self.model, &b, mix);
+                    total += nll.double_value(&[]);
+                    n += k;
+                }
+                total / n as f64
+            }
+            Shots::Classify { .. } => {
+                let emb = self.embed_all(idx, mix, batch);
+                let y = self.labels_of(idx);
+                let scores = match &self.head {
+                    Some(h) => emb.linear(&h.w, Some(&h.b)),
+                    None => episodic_scores(&emb, &y, self.n_classes()) * PROTO_SCALE,
+                };
+                scores
+                    .to_kind(Kind::Float)
+                    .cross_entropy_for_logits(&y)
+                    .double_value(&[])
+            }
+        }
+    }
+
     /// Loss (and accuracy) on held-out `val`, without gradients. For
     /// prototypes, the classes are the training shots' mean embeddings.
     pub fn val_loss(
@@ -190,16 +221,7 @@ impl Trainer<'_> {
     ) -> (f64, Option<f64>) {
         let _g = tch::no_grad_guard();
         match &self.shots {
-            Shots::Causal(toks) => {
-                let (mut total, mut n) = (0.0, 0usize);
-                for chunk in val.chunks(batch) {
-                    let b: Vec<&Tokenized> = chunk.iter().map(|&i| &toks[i]).collect();
-                    let (nll, k) = causal_nll(self.model, &b, mix);
-                    total += nll.double_value(&[]);
-                    n += k;
-                }
-                (total / n as f64, None)
-            }
+            Shots::Causal(_) => (self.loss_value(val, mix, batch), None),
             Shots::Classify { .. } => {
                 let v_emb = self.embed_all(val, mix, batch);
                 let scores = match &self.head {
