@@ -24,6 +24,8 @@ use faer::linalg::qr::no_pivoting::factor::{
 use faer::linalg::svd::{svd as faer_svd, svd_scratch, ComputeSvdVectors};
 use faer::{Accum, Conj, Mat, MatRef, Par};
 
+mod subspace;
+
 /// One adapter's contribution to a module: `weight * scale * b @ a`.
 #[derive(Debug, Clone, Copy)]
 pub struct Term<'a> {
@@ -139,6 +141,11 @@ pub fn svd(m: usize, n: usize, terms: &[Term], rank: usize) -> Result<Factored, 
     let bp = stacked_b(m, terms);
     let apt = stacked_at(n, terms);
     let noise = noise_floor(bp.as_ref(), apt.as_ref());
+    if subspace::is_cheaper(m, n, k, rank) {
+        if let Some(f) = subspace::svd(bp.as_ref(), apt.as_ref(), rank, noise)? {
+            return Ok(f);
+        }
+    }
     if k < m.min(n) {
         let qrb = householder_qr(bp);
         let qra = householder_qr(apt);
