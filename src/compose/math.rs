@@ -111,6 +111,13 @@ pub fn exact(m: usize, n: usize, terms: &[Term]) -> Factored {
 /// `k >= min(m, n)` the dense delta is no larger than the factors, and its SVD
 /// is taken directly.
 ///
+/// When `k` is large (hundreds, near the layer width) and a cost rule finds
+/// it at least twice as cheap, a randomized subspace iteration on the
+/// factors' Gram matrices takes the place of both (module `subspace`): no
+/// `k x k` or dense SVD, an error within 0.1% of the optimum (not exactly
+/// optimal), `rel_error` and `energy` those of the output. It hands back to
+/// the routes above when it cannot vouch for its result.
+///
 /// Output rank is `min(rank, k, min(m, n))`: the exact sum has no more
 /// singular values than that, so a larger request is lossless and no
 /// zero-padding is added. Singular values that are zero inside that range

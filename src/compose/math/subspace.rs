@@ -9,8 +9,9 @@
 //! `||M||_F^2 = <G_B, G_A>` exactly), then a block of `l = rank + p` vectors
 //! iterated in the `k`-dimensional coordinates: a right basis `V = A'^T Y`
 //! has `M V = B' (G_A Y)` and `M^T M V = A'^T (G_B G_A Y)`, so a power step
-//! is two `k x k` by `k x l` products and Gram matrices of the block give the
-//! Ritz values (the singular values of `M V`) for free. The last subspace is
+//! (shifted: `M^T M - mu`) is two `k x k` by `k x l` products, and Gram
+//! matrices of the block give the Ritz values (the singular values of `M V`)
+//! for free. The last subspace is
 //! then orthonormalized by Householder QR in the `n`-space and `M P` is
 //! formed from the factors, so the reported singular values and the energy
 //! they keep are those of the output itself, to rounding.
@@ -48,8 +49,8 @@ pub(super) const ENERGY_TOL: f64 = 5e-4;
 pub(super) const MAX_STEPS: usize = 40;
 
 /// Steps a typical run takes, for the cost estimate: random (flat)
-/// spectra of summed rank about 1000 take 11-14, decaying ones 3-5.
-const EXPECTED_STEPS: f64 = 12.0;
+/// spectra of summed rank about 1000 take 7-9, decaying ones 3-5.
+const EXPECTED_STEPS: f64 = 10.0;
 
 /// The delta's squared norm must be at least this share of
 /// `||B'||_F^2 ||A'||_F^2`, or the Gram matrices (whose rounding is relative
@@ -177,12 +178,26 @@ pub(super) fn top_singular(
             return Ok(None);
         }
         energies.push(lambda[..rank.min(keep)].iter().sum::<f64>());
-        // Next block: M^T M V in coordinates (A'^T G_B G_A Y = A'^T H),
-        // rotated to the Ritz vectors and scaled by 1 / s^2 so its columns
-        // stay of similar size (a well-conditioned Gram next step).
+        // Next block: (M^T M - mu) V in coordinates (M^T M V = A'^T G_B G_A Y
+        // = A'^T H), rotated to the Ritz vectors and scaled by
+        // 1 / (s^2 - mu) so its columns stay of similar size (a
+        // well-conditioned Gram next step). The shift mu, half the smallest
+        // Ritz value, maps the unwanted spectrum [0, s_(l+1)^2] to about
+        // [-mu, mu] and speeds convergence (8 steps instead of 12 on flat
+        // spectra) while the wanted values stay dominant (s^2 - mu > mu).
+        let shift = lambda[keep - 1] / 2.0;
         let floor = lambda[0] * f64::EPSILON;
-        let rescale = Mat::from_fn(keep, keep, |i, j| w2[(i, j)] / lambda[j].max(floor));
-        y = mul(h.as_ref(), rescale.as_ref());
+        let y_n = mul(y.as_ref(), to_orthonormal.as_ref());
+        let mut shifted = h;
+        for j in 0..keep {
+            for (dst, &x) in shifted.col_mut(j).iter_mut().zip(y_n.col(j).iter()) {
+                *dst -= shift * x;
+            }
+        }
+        let rescale = Mat::from_fn(keep, keep, |i, j| {
+            w2[(i, j)] / (lambda[j] - shift).max(floor)
+        });
+        y = mul(shifted.as_ref(), rescale.as_ref());
         if converged(&energies, total) {
             return final_ritz(b, at, y.as_ref(), rank, total, *energies.last().unwrap());
         }
