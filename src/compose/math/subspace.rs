@@ -154,7 +154,7 @@ pub(super) fn top_singular(
     let ga = gram(at);
     let total = frobenius_inner(gb.as_ref(), ga.as_ref());
     let scale = b.norm_l2().powi(2) * at.norm_l2().powi(2);
-    if !(total > RESOLVABLE * scale) {
+    if total.is_nan() || total <= RESOLVABLE * scale {
         return Ok(None);
     }
 
@@ -174,7 +174,7 @@ pub(super) fn top_singular(
         // M V = B' Z: its Gram Z^T G_B Z has the squared Ritz values.
         let h = mul(gb.as_ref(), z_n.as_ref());
         let (w2, lambda) = psd_eigen(mul(z_n.as_ref().transpose(), h.as_ref()).as_ref())?;
-        if !(lambda[0] > 0.0) {
+        if lambda[0].is_nan() || lambda[0] <= 0.0 {
             return Ok(None);
         }
         energies.push(lambda[..rank.min(keep)].iter().sum::<f64>());
