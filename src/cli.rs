@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Merge and compose LoRA adapters.
 ///
 /// lora-merge combines many LoRA adapters into one PEFT adapter: an exact
-/// weighted sum (lossless), its best low-rank approximation, or PEFT's
-/// `linear` averaging. Inputs are memory-mapped and validated strictly;
+/// weighted sum (lossless), its best low-rank approximation, PEFT's
+/// `linear` averaging, or PEFT's TIES, DARE and magnitude-pruning merges. Inputs are memory-mapped and validated strictly;
 /// outputs are written atomically with a provenance manifest.
 ///
 /// Adapters and base models are local paths or Hugging Face Hub references:
@@ -35,6 +35,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     after_help = "Examples:\n  lora-merge inspect ./adapter-a ./adapter-b\n  \
 lora-merge uniform --adapters ./a ./b ./c -o merged\n  \
 lora-merge uniform --adapters ./a ./b --weights 0.7 0.3 --method svd --rank 16 -o merged\n  \
+lora-merge uniform --adapters ./a ./b ./c --method ties --density 0.2 --rank 16 -o merged\n  \
 lora-merge uniform --adapters owner/adapter-a@v1 hf://owner/collection/style-b -o merged\n  \
 lora-merge verify merged\n  \
 lora-merge push merged --repo me/merged-adapter"
@@ -53,9 +54,11 @@ pub enum Command {
     /// Merge adapters with fixed weights (equal by default); no base model needed.
     ///
     /// The merged delta of every module is sum_i w_i * s_i * B_i A_i, where s_i
-    /// is adapter i's own scale (alpha/r, or alpha/sqrt(r) with rsLoRA). A
-    /// module that only some adapters adapt is merged from those (the others
-    /// contribute nothing) and listed in the report; --strict refuses instead.
+    /// is adapter i's own scale (alpha/r, or alpha/sqrt(r) with rsLoRA);
+    /// ties, dare-linear, dare-ties and magnitude-prune prune each delta
+    /// s_i * B_i A_i first (see --method). A module that only some adapters
+    /// adapt is merged from those (the others contribute nothing) and listed
+    /// in the report; --strict refuses instead.
     Uniform(UniformArgs),
     /// Re-hash a merged adapter directory against its merge_manifest.json.
     ///
@@ -147,7 +150,8 @@ pub struct AdapterInputs {
     /// adapter_model.safetensors), a diffusers directory
     /// (pytorch_lora_weights.safetensors), a directory holding one
     /// .safetensors file, or a .safetensors file: PEFT (with its
-    /// adapter_config.json beside it), kohya/sd-scripts or diffusers. Or the
+    /// adapter_config.json beside it), kohya/sd-scripts (LoRA, or LyCORIS
+    /// LoHa/LoKr) or diffusers. Or the
     /// same on the Hub: OWNER/NAME[@REVISION] (when no such local path
     /// exists) or hf://OWNER/NAME[@REVISION][/PATH], PATH being a folder or a
     /// .safetensors file in the repository.
@@ -206,6 +210,64 @@ pub enum MethodArg {
     /// does. Equal ranks only. APPROXIMATE: the cross terms B_i A_j make it
     /// differ from the weighted sum of deltas; the manifest records by how much.
     Linear,
+    /// TIES (PEFT's ties_svd): keep each delta's largest --density entries,
+    /// elect each entry's sign, average the agreeing ones; rank --rank by
+    /// SVD. For adapters whose deltas conflict.
+    Ties,
+    /// DARE (PEFT's dare_linear_svd): keep each entry with probability
+    /// --density (--seed), rescale by 1/density, weighted sum; rank --rank
+    /// by SVD. To thin out redundant deltas.
+    DareLinear,
+    /// DARE's random pruning, then TIES' sign election and mean (PEFT's
+    /// dare_ties_svd); rank --rank by SVD. Many adapters that conflict.
+    DareTies,
+    /// Keep each delta's largest --density entries, weighted sum (PEFT's
+    /// magnitude_prune_svd); rank --rank by SVD. TIES without the election.
+    MagnitudePrune,
+}
+
+impl MethodArg {
+    /// ties, dare-linear, dare-ties, magnitude-prune: prune dense deltas.
+    pub fn prunes(self) -> bool {
+        matches!(
+            self,
+            MethodArg::Ties
+                | MethodArg::DareLinear
+                | MethodArg::DareTies
+                | MethodArg::MagnitudePrune
+        )
+    }
+
+    /// dare-linear and dare-ties: drop entries at random.
+    pub fn is_random(self) -> bool {
+        matches!(self, MethodArg::DareLinear | MethodArg::DareTies)
+    }
+
+    /// ties and dare-ties: elect a sign per entry.
+    pub fn elects_sign(self) -> bool {
+        matches!(self, MethodArg::Ties | MethodArg::DareTies)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MethodArg::Exact => "exact",
+            MethodArg::Svd => "svd",
+            MethodArg::Linear => "linear",
+            MethodArg::Ties => "ties",
+            MethodArg::DareLinear => "dare-linear",
+            MethodArg::DareTies => "dare-ties",
+            MethodArg::MagnitudePrune => "magnitude-prune",
+        }
+    }
+}
+
+/// How TIES elects each entry's sign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MajoritySignArg {
+    /// The sign of the sum of the pruned deltas.
+    Total,
+    /// The sign most pruned deltas have.
+    Frequency,
 }
 
 /// Adapter file layouts, as read.
@@ -216,7 +278,10 @@ pub enum FormatArg {
     /// PEFT: adapter_config.json + base_model.model.<path>.lora_A.weight.
     Peft,
     /// kohya/sd-scripts: lora_unet_*/lora_te*_* keys with .lora_down.weight,
-    /// .lora_up.weight and .alpha (missing or 0 means alpha = rank).
+    /// .lora_up.weight and .alpha (missing or 0 means alpha = rank); also
+    /// LyCORIS LoHa (.hada_w1_a/_b, .hada_w2_a/_b) and LoKr (.lokr_w1[_a/_b],
+    /// .lokr_w2[_a/_b]) modules, read as exact LoRA factors. Tucker cores,
+    /// dora_scale, OFT and full diffs are refused.
     Kohya,
     /// diffusers: unet.*/text_encoder.*/text_encoder_2.* keys with
     /// .lora_A.weight/.lora_B.weight, optional lora_adapter_metadata.
@@ -268,14 +333,43 @@ pub struct MergeArgs {
     #[arg(long, value_enum, default_value_t = MethodArg::Exact)]
     pub method: MethodArg,
 
-    /// Output rank per module for --method svd.
-    #[arg(long, value_name = "N")]
-    pub rank: Option<usize>,
+    /// Output rank per module for --method svd, ties, dare-linear, dare-ties
+    /// and magnitude-prune: N, or `auto` for each module's own rank, the
+    /// smallest that meets --energy or --tolerance (at most --max-rank);
+    /// per-module ranks go to the config's rank_pattern.
+    #[arg(long, value_name = "N|auto", value_parser = parse_rank)]
+    pub rank: Option<RankArg>,
 
-    /// Output rank of convolutions with a spatial kernel (3x3) for --method
-    /// svd (default: --rank); 1x1 convolutions get --rank.
+    /// With --rank auto: the smallest rank keeping at least this fraction,
+    /// in (0, 1], of each module's squared Frobenius norm (its energy).
+    #[arg(long, value_name = "F")]
+    pub energy: Option<f64>,
+
+    /// With --rank auto: the smallest rank whose relative Frobenius error
+    /// is at most this, in [0, 1).
+    #[arg(long, value_name = "F")]
+    pub tolerance: Option<f64>,
+
+    /// With --rank auto: no module's rank above N (serving stacks cap it).
+    #[arg(long, value_name = "N")]
+    pub max_rank: Option<usize>,
+
+    /// Output rank of convolutions with a spatial kernel (3x3) for the
+    /// methods that take --rank (default: --rank); 1x1 convolutions get
+    /// --rank.
     #[arg(long, value_name = "N")]
     pub conv_rank: Option<usize>,
+
+    /// Fraction of each adapter's delta entries kept, in (0, 1], for --method
+    /// ties, dare-linear, dare-ties and magnitude-prune (required: PEFT has
+    /// no default either; the TIES paper uses 0.2). 1 prunes nothing.
+    #[arg(long, value_name = "F")]
+    pub density: Option<f64>,
+
+    /// How --method ties and dare-ties elect each entry's sign (default:
+    /// total, as PEFT).
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub majority_sign: Option<MajoritySignArg>,
 
     /// Element type of the written tensors (default: the inputs' type when
     /// they all agree, else f32). Math is always done in f32 or f64.
@@ -289,6 +383,22 @@ pub struct MergeArgs {
     /// Merge adapters that name different base models.
     #[arg(long)]
     pub allow_base_mismatch: bool,
+}
+
+/// `--rank`: a number, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankArg {
+    Fixed(usize),
+    Auto,
+}
+
+fn parse_rank(s: &str) -> std::result::Result<RankArg, String> {
+    if s == "auto" {
+        return Ok(RankArg::Auto);
+    }
+    s.parse::<usize>()
+        .map(RankArg::Fixed)
+        .map_err(|_| format!("expected a whole number or `auto`, got {s:?}"))
 }
 
 #[derive(Debug, Args)]
@@ -307,13 +417,32 @@ pub struct UniformArgs {
     #[arg(long, value_enum)]
     pub output_format: Option<OutputFormatArg>,
 
-    /// One weight per adapter, in order (default: 1/N each). Weights are used
-    /// as given: they are not normalised, and may be negative.
+    /// One weight per adapter, in order (default: 1/N each; 1 each for ties
+    /// and dare-ties, whose merge already averages the agreeing adapters).
+    /// Weights are used as given: they are not normalised, and may be
+    /// negative.
     #[arg(long, value_name = "W", num_args = 1.., allow_negative_numbers = true)]
     pub weights: Vec<f64>,
 
+    /// Per-module weights: a JSON object mapping module-name regexes to one
+    /// weight per adapter, e.g. {"down_blocks\\.0\\.": [1, 0], "layers\\.(2[4-9]|3[01])\\.":
+    /// [0.3, 0.7]}. The first rule in the file that matches a module (its
+    /// name, or a Stable Diffusion module's diffusers path) gives its weights;
+    /// other modules get --weights (or the default). A rule that matches no
+    /// module is refused. `fit` writes its learned weights in this format
+    /// (weights.json), to merge again with another method or rank.
+    #[arg(long, value_name = "FILE")]
+    pub weights_file: Option<PathBuf>,
+
     #[command(flatten)]
     pub merge: MergeArgs,
+
+    /// Seed of --method dare-linear and dare-ties (default: 0). Each module
+    /// and adapter draws from its own stream, derived from the seed, the
+    /// module's name and the adapter's position, so one seed always gives
+    /// the same bytes.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
 
     /// Print the merge report as JSON on stdout.
     #[arg(long)]
@@ -532,8 +661,9 @@ pub struct FitArgs {
     #[arg(long, value_name = "F", default_value_t = 0.25)]
     pub val_fraction: f64,
 
-    /// Seed of the split, the batches and libtorch. CPU runs with the same
-    /// seed and thread count give identical results.
+    /// Seed of the split, the batches and libtorch, and of --method
+    /// dare-linear and dare-ties as for `uniform --seed`. CPU runs with the
+    /// same seed and thread count give identical results.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
 

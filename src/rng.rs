@@ -1,6 +1,6 @@
 //! splitmix64: one small seeded generator for everything that must depend
-//! on a seed alone (the split of the shots, batch order, test fixtures),
-//! not on libtorch's generator or version.
+//! on a seed alone (the split of the shots, batch order, DARE's dropped
+//! entries, test fixtures), not on libtorch's generator or version.
 
 #[derive(Debug, Clone)]
 pub struct Rng(pub u64);
@@ -12,6 +12,12 @@ impl Rng {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1), from the top 53 bits: every value a multiple of
+    /// 2^-53.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// Uniform in [-1, 1), from the top 24 bits.

@@ -8,15 +8,28 @@
 //! (scale 1). Module names are alignment keys (see [`super::sdnames`]): UNet
 //! names after the original SGM UNet, as sd-scripts writes them for SDXL,
 //! become diffusers' names, and the file's own spelling is kept beside them.
+//!
+//! The same files may hold LyCORIS LoHa (`.hada_w1_a`, ...) and LoKr
+//! (`.lokr_w1`, ...) modules under the same names; [`super::lycoris`] turns
+//! each into exact LoRA factors.
 
 use std::collections::BTreeMap;
 
+use super::lycoris;
 use super::peft::pair_shape;
 use super::sdnames;
 use super::LoraModule;
 use crate::error::{Error, Result};
 use crate::tensors::safetensors::SafetensorsFile;
 use crate::tensors::TensorRef;
+
+/// What a key holds.
+enum Slot {
+    Down,
+    Up,
+    Alpha,
+    Lycoris(&'static str),
+}
 
 #[derive(Default)]
 struct Parts<'a> {
@@ -25,6 +38,8 @@ struct Parts<'a> {
     down: Option<&'a TensorRef>,
     up: Option<&'a TensorRef>,
     alpha: Option<&'a TensorRef>,
+    /// LyCORIS LoHa/LoKr tensors, by part (`hada_w1_a`, ...).
+    lycoris: BTreeMap<&'static str, &'a TensorRef>,
     /// The stem uses SGM UNet names.
     sgm: bool,
 }
@@ -35,15 +50,18 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     for (key, tensor) in &file.tensors {
         let (stem, slot) = if let Some(s) = key.strip_suffix(".lora_down.weight") {
-            (s, 0)
+            (s, Slot::Down)
         } else if let Some(s) = key.strip_suffix(".lora_up.weight") {
-            (s, 1)
+            (s, Slot::Up)
         } else if let Some(s) = key.strip_suffix(".alpha") {
-            (s, 2)
+            (s, Slot::Alpha)
+        } else if let Some((s, part)) = lycoris::split_key(key) {
+            (s, Slot::Lycoris(part))
         } else {
             return Err(invalid(format!(
                 "tensor {key} is not a kohya LoRA tensor (expected .lora_down.weight, \
-                 .lora_up.weight or .alpha)"
+                 .lora_up.weight or .alpha, or LyCORIS LoHa .hada_w1_a/_b and .hada_w2_a/_b \
+                 or LoKr .lokr_w1[_a/_b] and .lokr_w2[_a/_b])"
             )));
         };
         let Some((component, rest)) = sdnames::split_kohya(stem) else {
@@ -71,15 +89,64 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
         p.stem = stem;
         p.sgm = sgm;
         let place = match slot {
-            0 => &mut p.down,
-            1 => &mut p.up,
-            _ => &mut p.alpha,
+            Slot::Down => &mut p.down,
+            Slot::Up => &mut p.up,
+            Slot::Alpha => &mut p.alpha,
+            Slot::Lycoris(part) => {
+                p.lycoris.insert(part, tensor);
+                continue;
+            }
         };
         *place = Some(tensor);
     }
 
     let mut modules = BTreeMap::new();
     for (name, p) in parts {
+        let alpha = match p.alpha {
+            None => None,
+            Some(t) => {
+                let v = t.to_f32();
+                let [x] = v.as_slice() else {
+                    return Err(invalid(format!(
+                        "tensor {} should be a scalar but has shape {:?}",
+                        t.name, t.shape
+                    )));
+                };
+                if !x.is_finite() {
+                    return Err(invalid(format!("tensor {} is {x}", t.name)));
+                }
+                Some(f64::from(*x))
+            }
+        };
+        let sgm_name = p.sgm.then(|| p.stem.to_string());
+        if !p.lycoris.is_empty() {
+            if let Some(t) = p.down.or(p.up) {
+                return Err(invalid(format!(
+                    "module {} mixes a LoRA tensor ({}) with LyCORIS tensors ({})",
+                    p.stem,
+                    t.name,
+                    p.lycoris.keys().copied().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            let l = lycoris::build(&name, p.stem, &p.lycoris, alpha).map_err(&invalid)?;
+            modules.insert(
+                name.clone(),
+                LoraModule {
+                    name,
+                    kind: l.kind,
+                    rank: l.rank,
+                    alpha: l.alpha,
+                    scale: l.scale,
+                    fan_in: l.fan_in,
+                    fan_out: l.fan_out,
+                    a: l.a,
+                    b: l.b,
+                    path: None,
+                    sgm_name,
+                },
+            );
+            continue;
+        }
         let pair =
             crate::adapter::pair_factors(p.down, p.up, "lora_down", "lora_up").map_err(&invalid)?;
         let (a, b) = match pair {
@@ -99,26 +166,10 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
                 p.stem, a.name, a.shape, b.name, b.shape
             )));
         }
-        let alpha = match p.alpha {
-            None => rank as f64,
-            Some(t) => {
-                let v = t.to_f32();
-                let [x] = v.as_slice() else {
-                    return Err(invalid(format!(
-                        "tensor {} should be a scalar but has shape {:?}",
-                        t.name, t.shape
-                    )));
-                };
-                if !x.is_finite() {
-                    return Err(invalid(format!("tensor {} is {x}", t.name)));
-                }
-                // sd-scripts: `if alpha is None or alpha == 0: alpha = lora_dim`.
-                if *x == 0.0 {
-                    rank as f64
-                } else {
-                    f64::from(*x)
-                }
-            }
+        // sd-scripts: `if alpha is None or alpha == 0: alpha = lora_dim`.
+        let alpha = match alpha {
+            Some(x) if x != 0.0 => x,
+            _ => rank as f64,
         };
         modules.insert(
             name.clone(),
@@ -133,13 +184,14 @@ pub fn build_modules(file: &SafetensorsFile) -> Result<BTreeMap<String, LoraModu
                 a: a.clone(),
                 b: b.clone(),
                 path: None,
-                sgm_name: p.sgm.then(|| p.stem.to_string()),
+                sgm_name,
             },
         );
     }
     if modules.is_empty() {
         return Err(invalid(
-            "no LoRA tensors (lora_down/lora_up) found: nothing to merge".into(),
+            "no LoRA tensors (lora_down/lora_up, or LyCORIS LoHa/LoKr) found: nothing to merge"
+                .into(),
         ));
     }
     Ok(modules)
@@ -215,6 +267,51 @@ mod tests {
         assert_eq!(m[k].name, k);
         assert_eq!(m[k].sgm_name.as_deref(), Some(sgm));
         assert_eq!(m[k].scale, 0.5);
+    }
+
+    #[test]
+    fn lycoris_modules_read_beside_lora_ones() {
+        let q = "lora_unet_down_blocks_0_attentions_0_proj_in";
+        let h = "lora_te1_text_model_encoder_layers_0_mlp_fc1";
+        let k = "lora_unet_output_blocks_2_2_conv";
+        let m = build(&[
+            t(&format!("{q}.lora_down.weight"), &[4, 6]),
+            t(&format!("{q}.lora_up.weight"), &[5, 4]),
+            t(&format!("{h}.hada_w1_a"), &[8, 2]),
+            t(&format!("{h}.hada_w1_b"), &[2, 3]),
+            t(&format!("{h}.hada_w2_a"), &[8, 2]),
+            t(&format!("{h}.hada_w2_b"), &[2, 3]),
+            scalar(&format!("{h}.alpha"), 1.0),
+            // An SGM-named 3x3 conv (diffusers' up_blocks_0_upsamplers_0_conv).
+            t(&format!("{k}.lokr_w1"), &[2, 2]),
+            t(&format!("{k}.lokr_w2"), &[3, 4, 3, 3]),
+            scalar(&format!("{k}.alpha"), 8.0),
+        ])
+        .unwrap();
+        assert_eq!(m.len(), 3);
+        let loha = &m[h];
+        // rank 2 * 2 > min(8, 3): the dense delta times I_3.
+        assert_eq!((loha.rank, loha.fan_out, loha.fan_in), (3, 8, 3));
+        assert_eq!(loha.scale, 0.5, "alpha / r1");
+        assert!(loha.a.is_owned() && !m[q].a.is_owned());
+        let lokr = &m["lora_unet_up_blocks_0_upsamplers_0_conv"];
+        assert_eq!(lokr.sgm_name.as_deref(), Some(k));
+        assert_eq!(lokr.scale, 1.0, "both halves full: scale 1 whatever alpha");
+        assert_eq!(
+            lokr.kind,
+            ModuleKind::Conv {
+                kernel: vec![8, 3, 3]
+            }
+        );
+        assert_eq!((lokr.rank, lokr.fan_out, lokr.fan_in), (6, 6, 72));
+        let e = build(&[
+            t(&format!("{q}.lora_down.weight"), &[4, 6]),
+            t(&format!("{q}.lora_up.weight"), &[5, 4]),
+            t(&format!("{q}.hada_w1_a"), &[5, 2]),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("mixes a LoRA tensor"), "{e}");
     }
 
     #[test]

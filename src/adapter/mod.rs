@@ -5,6 +5,7 @@ pub mod config;
 pub mod diffusers;
 pub mod format;
 pub mod kohya;
+pub mod lycoris;
 pub mod peft;
 pub mod sdnames;
 pub mod set;

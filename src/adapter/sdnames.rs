@@ -479,6 +479,31 @@ pub fn kohya_key(component: Component, rest: &str) -> (String, bool) {
     (key(component, rest), false)
 }
 
+/// The spatial kernel of the Stable Diffusion UNet convolution an alignment
+/// key names, for the layers whose kernel is the same in SD 1.x, 2.x and XL:
+/// the resnets' `conv1`/`conv2`, the down- and upsamplers' `conv`,
+/// `conv_in` and `conv_out` are 3x3, `conv_shortcut` is 1x1. `None` for
+/// every other key (linears, and the attentions' `proj_in`/`proj_out`,
+/// which are 1x1 convolutions in SD 1.x but linears in 2.x and XL).
+///
+/// Only needed where a file stores a convolution's factors flattened to
+/// `[rank, in * kh * kw]` with nothing that says the kernel (LyCORIS LoHa
+/// and LoKr).
+pub fn unet_conv_kernel(key: &str) -> Option<[usize; 2]> {
+    let rest = key.strip_prefix(UNET.kohya)?;
+    let resnet_conv =
+        rest.contains("_resnets_") && (rest.ends_with("_conv1") || rest.ends_with("_conv2"));
+    let sampler_conv =
+        rest.ends_with("_downsamplers_0_conv") || rest.ends_with("_upsamplers_0_conv");
+    if resnet_conv || sampler_conv || rest == "conv_in" || rest == "conv_out" {
+        Some([3, 3])
+    } else if rest.contains("_resnets_") && rest.ends_with("_conv_shortcut") {
+        Some([1, 1])
+    } else {
+        None
+    }
+}
+
 /// An alignment key that still spells an SGM UNet name: one with no
 /// diffusers counterpart, which PEFT and diffusers output cannot name.
 pub fn is_unmapped_sgm_key(key: &str) -> bool {
@@ -488,6 +513,29 @@ pub fn is_unmapped_sgm_key(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unet_conv_kernels_by_name() {
+        for (k, want) in [
+            ("lora_unet_down_blocks_0_resnets_0_conv1", Some([3, 3])),
+            ("lora_unet_up_blocks_1_resnets_2_conv2", Some([3, 3])),
+            ("lora_unet_mid_block_resnets_1_conv1", Some([3, 3])),
+            ("lora_unet_down_blocks_1_downsamplers_0_conv", Some([3, 3])),
+            ("lora_unet_up_blocks_0_upsamplers_0_conv", Some([3, 3])),
+            ("lora_unet_conv_in", Some([3, 3])),
+            ("lora_unet_conv_out", Some([3, 3])),
+            (
+                "lora_unet_down_blocks_1_resnets_0_conv_shortcut",
+                Some([1, 1]),
+            ),
+            ("lora_unet_down_blocks_0_resnets_0_time_emb_proj", None),
+            ("lora_unet_down_blocks_0_attentions_0_proj_in", None),
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1", None),
+            ("lora_te1_conv_in", None),
+        ] {
+            assert_eq!(unet_conv_kernel(k), want, "{k}");
+        }
+    }
 
     #[test]
     fn keys_from_every_spelling_agree() {

@@ -221,6 +221,16 @@ impl AdapterSet {
         Ok(AdapterSet { adapters })
     }
 
+    /// Every module name of the set, sorted, once.
+    pub fn module_names(&self) -> Vec<&str> {
+        let names: BTreeSet<&str> = self
+            .adapters
+            .iter()
+            .flat_map(|a| a.modules.keys().map(String::as_str))
+            .collect();
+        names.into_iter().collect()
+    }
+
     /// Hash every input's weights file (in parallel) for the manifest and
     /// `inspect`. Done after the checks that need only the headers.
     pub fn hash_inputs(&mut self) {

@@ -8,6 +8,7 @@ use serde_json::json;
 use crate::adapter::{AdapterSet, Format};
 use crate::cli::{OutputFormatArg, UniformArgs};
 use crate::compose::merge::{self, Method, Weights};
+use crate::compose::weights_file::WeightRules;
 use crate::output::describe::{self, Merge};
 use crate::output::writer;
 use crate::settings::{self, MergeSettings, OutputSettings};
@@ -41,13 +42,21 @@ fn output_format(asked: Option<OutputFormatArg>, set: &AdapterSet) -> Result<For
 pub fn run(args: &UniformArgs) -> Result<()> {
     let t0 = Instant::now();
     let out = OutputSettings::from_args(&args.out);
-    let merge_settings = MergeSettings::from_args(&args.merge)?;
+    let merge_settings = MergeSettings::from_args(&args.merge, args.seed)?;
     let file = args.inputs.adapters_file.as_deref();
     // A bad output is refused before anything large is read.
     out.check(&settings::given_inputs(&args.inputs.adapters, file))?;
     let refs = settings::adapter_refs(&args.inputs.adapters, file)?;
-    out.check(&settings::given_inputs(&refs, file))?;
-    let weights = Weights::uniform(refs.len(), &args.weights)?;
+    let mut given = settings::given_inputs(&refs, file);
+    if let Some(w) = &args.weights_file {
+        given.push(crate::output::guard::Input::at("--weights-file", w));
+    }
+    out.check(&given)?;
+    let mut weights = Weights::for_method(refs.len(), &args.weights, &merge_settings.method)?;
+    let rules = match &args.weights_file {
+        Some(path) => Some(WeightRules::read(path, refs.len())?),
+        None => None,
+    };
 
     let mut set = AdapterSet::load_as(&refs, settings::input_format(&args.input_format))?;
     let format = output_format(args.output_format, &set)?;
@@ -56,6 +65,14 @@ pub fn run(args: &UniformArgs) -> Result<()> {
     }
     out.check(&settings::adapter_inputs(&set))?;
     let report = set.check(merge_settings.strict, merge_settings.allow_base_mismatch)?;
+    if let Some(rules) = &rules {
+        weights.per_module = rules.apply(set.module_names().into_iter().map(|name| {
+            let dotted = crate::adapter::sdnames::is_key(name)
+                .then(|| crate::adapter::sdnames::dotted_from_key(name))
+                .flatten();
+            (name, dotted)
+        }))?;
+    }
     let load_s = t0.elapsed().as_secs_f64();
     let dtype = merge_settings.dtype_for(&set);
     let method = merge_settings.method;
@@ -64,7 +81,12 @@ pub fn run(args: &UniformArgs) -> Result<()> {
         crate::resources::Need { memory, disk },
         &out.dir,
         "this merge",
-        "An svd merge to a smaller --rank, or --dtype f16/bf16, needs less.",
+        if method.task().is_some() {
+            "A smaller --rank, or fewer threads (RAYON_NUM_THREADS: each merges one dense module \
+             at a time), needs less."
+        } else {
+            "An svd merge to a smaller --rank, or --dtype f16/bf16, needs less."
+        },
     )?;
     set.hash_inputs();
 
@@ -134,6 +156,12 @@ pub fn run(args: &UniformArgs) -> Result<()> {
         if partial > 0 {
             crate::ui::note(&format!(
                 "note: {partial} modules are adapted by only some adapters and were merged from those (see merge_manifest.json; --strict refuses this)"
+            ));
+        }
+        if method.task().is_some() {
+            crate::ui::note(&format!(
+                "note: --method {} merges pruned deltas; the relative error is that of --rank against this merge, not against the weighted sum",
+                method.name()
             ));
         }
         if method == Method::Linear {

@@ -1,5 +1,7 @@
 //! The materializers' arithmetic on one module: turn
-//! `sum_i w_i * s_i * B_i A_i` into a single pair of factors.
+//! `sum_i w_i * s_i * B_i A_i` into a single pair of factors, or (TIES,
+//! DARE, magnitude pruning) prune the dense deltas `s_i B_i A_i`, merge
+//! them, and factor the result.
 //!
 //! Everything here is pure Rust on row-major `f32` slices, computed in `f64`.
 //! Shapes follow PEFT: `A_i` is `rank_i x n` (fan_in), `B_i` is `m x rank_i`
@@ -22,7 +24,8 @@ use faer::linalg::qr::no_pivoting::factor::{
     qr_in_place, qr_in_place_scratch, recommended_block_size,
 };
 use faer::linalg::svd::{svd as faer_svd, svd_scratch, ComputeSvdVectors};
-use faer::{Accum, Conj, Mat, MatRef, Par};
+use faer::{Accum, Conj, Mat, MatMut, MatRef, Par};
+use serde::Serialize;
 
 mod subspace;
 
@@ -278,6 +281,286 @@ pub fn dense(m: usize, n: usize, terms: &[Term]) -> Vec<f64> {
     out
 }
 
+/// How TIES and DARE-TIES elect the sign of each entry (PEFT's
+/// `majority_sign_method`). Only the pruned deltas vote, before the merge
+/// weights are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MajoritySign {
+    /// The sign of the sum of the pruned deltas (PEFT's default).
+    Total,
+    /// The sign most pruned deltas have; an even vote counts as positive.
+    Frequency,
+}
+
+impl MajoritySign {
+    pub fn name(self) -> &'static str {
+        match self {
+            MajoritySign::Total => "total",
+            MajoritySign::Frequency => "frequency",
+        }
+    }
+}
+
+/// How each adapter's dense delta is sparsified before the merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prune {
+    /// Keep the `floor(density * m * n)` entries of largest magnitude (TIES,
+    /// magnitude pruning). Among equal magnitudes at the threshold the
+    /// earlier entries in row-major order are kept.
+    Magnitude,
+    /// Keep each entry with probability `density` and divide the survivors
+    /// by `density`, so the expected delta is unchanged (DARE).
+    Random,
+}
+
+/// A task-vector merge of dense deltas, as PEFT's `merge_utils` defines
+/// them: `ties`, `dare_ties` (with `elect`), `magnitude_prune`,
+/// `dare_linear` (without).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskMerge {
+    pub prune: Prune,
+    /// Fraction of each delta's entries kept, in (0, 1]; 1 keeps them all.
+    pub density: f64,
+    /// None: the weighted sum of the pruned deltas. Some: TIES' sign
+    /// election and disjoint merge.
+    pub elect: Option<MajoritySign>,
+}
+
+/// The dense `m x n` (row-major) result of `how` on the terms' deltas
+/// `dW_i = s_i B_i A_i`, as PEFT's `merge_utils` computes it on a list of
+/// task tensors with weights `w_i`:
+///
+/// 1. prune each `dW_i` to `P_i` ([`Prune`]; `density` 1 keeps everything);
+/// 2. without `elect`: `sum_i w_i P_i`;
+/// 3. with `elect`: per entry, the majority sign `g` of the unweighted
+///    `P_i` (`total`: sign of `sum_i P_i`; `frequency`: sign of
+///    `sum_i sign(P_i)`; zero counts as positive), then the mean over the
+///    adapters whose `P_i` has sign `g` of `w_i P_i` (`disjoint_merge`:
+///    their weighted sum divided by their number, at least 1).
+///
+/// `seeds` gives every term's random stream for [`Prune::Random`] (one per
+/// term, in order; ignored by [`Prune::Magnitude`]): the kept entries of
+/// term `i` depend on `seeds[i]`, `density` and the shape only, never on
+/// the values or on other terms, and are drawn in row-major order.
+///
+/// One delta is built at a time and folded into running sums, so the
+/// working memory is a few `m x n` buffers however many terms there are
+/// ([`task_merge_bytes`]). Computed in `f64`.
+///
+/// Errors on non-finite inputs and on a density outside (0, 1].
+///
+/// # Panics
+/// As [`exact`], on slices that do not match their ranks, and when
+/// `Prune::Random` gets fewer seeds than terms.
+pub fn task_merge_dense(
+    m: usize,
+    n: usize,
+    terms: &[Term],
+    how: &TaskMerge,
+    seeds: &[u64],
+) -> Result<Vec<f64>, String> {
+    check_terms(m, n, terms);
+    check_finite(terms)?;
+    let density = how.density;
+    if !(density > 0.0 && density <= 1.0) {
+        return Err(format!("the density must be in (0, 1], got {density}"));
+    }
+    if how.prune == Prune::Random {
+        assert!(seeds.len() >= terms.len(), "one seed per term");
+    }
+    let len = m * n;
+    let mut delta = vec![0.0f64; len];
+    let mut scratch = Vec::new();
+    // Without elect: `sum` is the weighted sum. With it: `sum` is the
+    // weighted sum of the positive entries, `neg` of the negative ones,
+    // `pos_n`/`neg_n` their counts, `vote` the election (total: sum of
+    // entries; frequency: sum of signs).
+    let mut sum = vec![0.0f64; len];
+    let (mut neg, mut pos_n, mut neg_n) = match how.elect {
+        Some(_) => (vec![0.0f64; len], vec![0u32; len], vec![0u32; len]),
+        None => (Vec::new(), Vec::new(), Vec::new()),
+    };
+    let mut vote_total = match how.elect {
+        Some(MajoritySign::Total) => vec![0.0f64; len],
+        _ => Vec::new(),
+    };
+    let mut vote_count = match how.elect {
+        Some(MajoritySign::Frequency) => vec![0i32; len],
+        _ => Vec::new(),
+    };
+    for (i, t) in terms.iter().enumerate() {
+        delta_into(m, n, t, &mut delta);
+        if density < 1.0 {
+            match how.prune {
+                Prune::Magnitude => prune_magnitude(&mut delta, density, &mut scratch),
+                Prune::Random => prune_random(&mut delta, density, seeds[i]),
+            }
+        }
+        let w = t.weight;
+        match how.elect {
+            None => {
+                for (acc, &p) in sum.iter_mut().zip(&delta) {
+                    *acc += w * p;
+                }
+            }
+            Some(elect) => {
+                for (e, &p) in delta.iter().enumerate() {
+                    match elect {
+                        MajoritySign::Total => vote_total[e] += p,
+                        MajoritySign::Frequency => {
+                            vote_count[e] += i32::from(p > 0.0) - i32::from(p < 0.0)
+                        }
+                    }
+                    if p > 0.0 {
+                        sum[e] += w * p;
+                        pos_n[e] += 1;
+                    } else if p < 0.0 {
+                        neg[e] += w * p;
+                        neg_n[e] += 1;
+                    }
+                }
+            }
+        }
+    }
+    drop((delta, scratch));
+    if let Some(elect) = how.elect {
+        for e in 0..len {
+            let positive = match elect {
+                MajoritySign::Total => vote_total[e] >= 0.0,
+                MajoritySign::Frequency => vote_count[e] >= 0,
+            };
+            sum[e] = if positive {
+                sum[e] / f64::from(pos_n[e].max(1))
+            } else {
+                neg[e] / f64::from(neg_n[e].max(1))
+            };
+        }
+    }
+    Ok(sum)
+}
+
+/// [`task_merge_dense`], then its best rank-`rank` approximation
+/// (Eckart–Young) through a dense SVD, split evenly between the factors as
+/// [`svd`] does. The result of pruning is dense and of full rank in
+/// general, so the factors of the inputs cannot be used; the output rank
+/// is `min(rank, m, n)`.
+///
+/// `rel_error` and `energy` are measured against the method's own dense
+/// result (what `rank` loses), as [`svd`] measures against the exact sum:
+/// a `rank` of at least `min(m, n)` gives `rel_error` 0. Singular values
+/// at or below `eps * max(m, n) * ||result||_F` count as zero.
+pub fn task_merge(
+    m: usize,
+    n: usize,
+    terms: &[Term],
+    how: &TaskMerge,
+    seeds: &[u64],
+    rank: usize,
+) -> Result<Factored, String> {
+    let result = task_merge_dense(m, n, terms, how, seeds)?;
+    if terms.is_empty() || m == 0 || n == 0 {
+        return Ok(Factored::empty(0.0, 1.0));
+    }
+    let mat = MatRef::from_row_major_slice(&result, m, n);
+    let noise = f64::EPSILON * m.max(n) as f64 * mat.norm_l2();
+    let dense_svd = thin_svd(mat)?;
+    drop(result);
+    Ok(truncate(None, None, dense_svd, rank, noise))
+}
+
+/// The bytes [`task_merge`] holds at its peak for one `m x n` module with
+/// output rank `rank`: the delta being built, the pruning scratch and the
+/// running sums, or later the result with its SVD (factors and faer's
+/// workspace), whichever is more.
+pub fn task_merge_bytes(m: usize, n: usize, how: &TaskMerge, rank: usize) -> u64 {
+    let len = (m as u64).saturating_mul(n as u64);
+    let per_entry: u64 = 8 // the delta
+        + if how.prune == Prune::Magnitude { 8 } else { 0 }
+        + 8 // the (positive) weighted sum
+        + match how.elect {
+            None => 0,
+            Some(MajoritySign::Total) => 8 + 4 + 4 + 8,
+            Some(MajoritySign::Frequency) => 8 + 4 + 4 + 4,
+        };
+    let building = len.saturating_mul(per_entry);
+    let size = m.min(n) as u64;
+    let scratch = svd_scratch::<f64>(
+        m,
+        n,
+        ComputeSvdVectors::Thin,
+        ComputeSvdVectors::Thin,
+        Par::Seq,
+        Default::default(),
+    )
+    .size_bytes() as u64;
+    let factors = (m as u64 + n as u64).saturating_mul(size).saturating_mul(8);
+    let out = (m as u64 + n as u64).saturating_mul(rank.min(m.min(n)) as u64) * 8;
+    let decomposing = len
+        .saturating_mul(8)
+        .saturating_add(scratch)
+        .saturating_add(factors)
+        .saturating_add(out);
+    building.max(decomposing)
+}
+
+/// `s B A` of one term (its weight left out), `m x n` row-major, into `out`.
+fn delta_into(m: usize, n: usize, t: &Term, out: &mut [f64]) {
+    let b = Mat::from_fn(m, t.rank, |i, p| f64::from(t.b[i * t.rank + p]));
+    let a = Mat::from_fn(t.rank, n, |p, j| f64::from(t.a[p * n + j]));
+    let dst = MatMut::from_row_major_slice_mut(out, m, n);
+    matmul(
+        dst,
+        Accum::Replace,
+        b.as_ref(),
+        a.as_ref(),
+        t.scale,
+        Par::Seq,
+    );
+}
+
+/// Zero all but the `floor(density * len)` entries of largest magnitude
+/// (PEFT's `magnitude_based_pruning`); at the threshold, earlier entries
+/// win. `scratch` is reused between calls.
+fn prune_magnitude(x: &mut [f64], density: f64, scratch: &mut Vec<f64>) {
+    let keep = ((density * x.len() as f64) as usize).min(x.len());
+    if keep == 0 {
+        x.fill(0.0);
+        return;
+    }
+    scratch.clear();
+    scratch.extend(x.iter().map(|v| v.abs()));
+    let at = x.len() - keep;
+    let (_, &mut threshold, _) = scratch.select_nth_unstable_by(at, f64::total_cmp);
+    let above = x.iter().filter(|v| v.abs() > threshold).count();
+    let mut level = keep - above;
+    for v in x.iter_mut() {
+        let mag = v.abs();
+        if mag > threshold {
+            continue;
+        }
+        if mag == threshold && level > 0 {
+            level -= 1;
+        } else {
+            *v = 0.0;
+        }
+    }
+}
+
+/// Keep each entry with probability `density`, scaled by `1 / density`
+/// (PEFT's `random_pruning` with `rescale`): one draw per entry in order,
+/// kept when a uniform `u` in [0, 1) (53 bits) is below `density`.
+fn prune_random(x: &mut [f64], density: f64, seed: u64) {
+    let mut rng = crate::rng::Rng(seed);
+    for v in x.iter_mut() {
+        if rng.unit() < density {
+            *v /= density;
+        } else {
+            *v = 0.0;
+        }
+    }
+}
+
 /// `||b @ a||_F` for `b` (`m x k`) and `a` (`k x n`), row-major, without
 /// building `b @ a`: with `b = Qb Xb` and `a^T = Qa Xa` (thin QR where that
 /// shrinks a side, else the factor itself), `||b a||_F = ||Xb Xa^T||_F`. Costs
@@ -521,8 +804,9 @@ fn truncate(
     let r = rank.min(s.len());
     let kept: f64 = s[..r].iter().map(|x| x * x).sum();
     // Summed from the tail, not as total - kept, so a small error is not lost
-    // to cancellation.
-    let discarded: f64 = s[r..].iter().map(|x| x * x).sum();
+    // to cancellation. Folded from +0 (an empty `sum` is -0, which would be
+    // recorded as a relative error of -0).
+    let discarded: f64 = s[r..].iter().fold(0.0, |acc, x| acc + x * x);
     let total = kept + discarded;
     let (rel_error, energy) = if total > 0.0 {
         ((discarded / total).sqrt(), kept / total)
@@ -994,6 +1278,228 @@ mod tests {
         };
         let expected = norm(&dense(m, n, &[t]));
         assert!((frob_norm_factored(&b, &a, m, k, n) - expected).abs() / expected < F64_TOL);
+    }
+
+    /// Rank-1 terms on a 1 x n module with b = [1] and scale 1: the delta
+    /// is the row `a` itself, so pruning and election can be worked out by
+    /// hand.
+    fn row_terms<'a>(rows: &'a [Vec<f32>], weights: &[f64], one: &'a [f32]) -> Vec<Term<'a>> {
+        rows.iter()
+            .zip(weights)
+            .map(|(a, &weight)| Term {
+                weight,
+                scale: 1.0,
+                rank: 1,
+                a,
+                b: one,
+            })
+            .collect()
+    }
+
+    fn rows() -> Vec<Vec<f32>> {
+        vec![
+            vec![3.0, -1.0, 2.0, 0.5],
+            vec![-2.0, -4.0, 1.0, 0.25],
+            vec![1.0, 2.0, -5.0, 0.125],
+        ]
+    }
+
+    const TIES: TaskMerge = TaskMerge {
+        prune: Prune::Magnitude,
+        density: 0.5,
+        elect: Some(MajoritySign::Total),
+    };
+
+    #[test]
+    fn ties_matches_a_hand_computed_merge() {
+        // density 0.5 keeps 2 of 4 entries: [3, 0, 2, 0], [-2, -4, 0, 0],
+        // [0, 2, -5, 0]. Sum [1, -2, -3, 0] elects [+, -, -, +]; each
+        // entry is the mean of the agreeing weighted entries.
+        let rows = rows();
+        let one = [1.0f32];
+        let got = task_merge_dense(1, 4, &row_terms(&rows, &[1.0; 3], &one), &TIES, &[]).unwrap();
+        assert_eq!(got, vec![3.0, -4.0, -5.0, 0.0]);
+        // The sign is elected before the weights: weight 2 on the first
+        // adapter doubles its entries, it does not outvote.
+        let got =
+            task_merge_dense(1, 4, &row_terms(&rows, &[2.0, 1.0, 1.0], &one), &TIES, &[]).unwrap();
+        assert_eq!(got, vec![6.0, -4.0, -5.0, 0.0]);
+        // frequency: signs [+,-,0], [0,-,+], [+,0,-], [0,0,0] sum to 0 each
+        // way, and an even vote is positive.
+        let freq = TaskMerge {
+            elect: Some(MajoritySign::Frequency),
+            ..TIES
+        };
+        let got = task_merge_dense(1, 4, &row_terms(&rows, &[1.0; 3], &one), &freq, &[]).unwrap();
+        assert_eq!(got, vec![3.0, 2.0, 2.0, 0.0]);
+        // Two positive entries that agree are averaged.
+        let agree = vec![vec![4.0f32, 0.0], vec![2.0, 0.0]];
+        let full = TaskMerge {
+            density: 1.0,
+            ..TIES
+        };
+        let got =
+            task_merge_dense(1, 2, &row_terms(&agree, &[1.0, 0.5], &one), &full, &[]).unwrap();
+        assert_eq!(got, vec![2.5, 0.0]);
+    }
+
+    #[test]
+    fn magnitude_prune_is_the_weighted_sum_of_pruned_deltas() {
+        let rows = rows();
+        let one = [1.0f32];
+        let how = TaskMerge {
+            elect: None,
+            ..TIES
+        };
+        let got =
+            task_merge_dense(1, 4, &row_terms(&rows, &[1.0, 0.5, 2.0], &one), &how, &[]).unwrap();
+        assert_eq!(got, vec![3.0 - 1.0, -2.0 + 4.0, 2.0 - 10.0, 0.0]);
+        // Equal magnitudes at the threshold: the earlier entries are kept.
+        let tied = vec![vec![1.0f32, -1.0, 1.0, 2.0]];
+        let got = task_merge_dense(1, 4, &row_terms(&tied, &[1.0], &one), &how, &[]).unwrap();
+        assert_eq!(got, vec![1.0, 0.0, 0.0, 2.0]);
+        // floor(0.2 * 4) = 0 entries kept.
+        let sparse = TaskMerge {
+            density: 0.2,
+            ..how
+        };
+        let got = task_merge_dense(1, 4, &row_terms(&tied, &[1.0], &one), &sparse, &[]).unwrap();
+        assert_eq!(got, vec![0.0; 4]);
+    }
+
+    #[test]
+    fn density_one_is_the_weighted_sum() {
+        let (m, n) = (9, 7);
+        let mut rng = Rng(20);
+        let ads = three(&mut rng, m, n);
+        let ts = terms(&ads, &WEIGHTS);
+        let reference = dense(m, n, &ts);
+        for prune in [Prune::Magnitude, Prune::Random] {
+            let how = TaskMerge {
+                prune,
+                density: 1.0,
+                elect: None,
+            };
+            let got = task_merge_dense(m, n, &ts, &how, &[1, 2, 3]).unwrap();
+            assert!(rel_diff(&got, &reference) < F64_TOL);
+        }
+    }
+
+    #[test]
+    fn dare_keeps_about_density_rescaled_and_is_reproducible() {
+        let (m, n) = (120, 100);
+        let mut rng = Rng(21);
+        let ads = vec![adapter(&mut rng, m, n, 3, 6.0)];
+        let ts = terms(&ads, &[1.0]);
+        let full = dense(m, n, &ts);
+        let density = 0.3;
+        let how = TaskMerge {
+            prune: Prune::Random,
+            density,
+            elect: None,
+        };
+        let got = task_merge_dense(m, n, &ts, &how, &[42]).unwrap();
+        let mut kept = 0;
+        for (g, f) in got.iter().zip(&full) {
+            if *g != 0.0 {
+                kept += 1;
+                assert!((g - f / density).abs() <= 1e-12 * f.abs().max(1.0));
+            }
+        }
+        let frac = kept as f64 / (m * n) as f64;
+        let sigma = (density * (1.0 - density) / (m * n) as f64).sqrt();
+        assert!((frac - density).abs() < 4.0 * sigma, "{frac}");
+        assert_eq!(task_merge_dense(m, n, &ts, &how, &[42]).unwrap(), got);
+        assert_ne!(task_merge_dense(m, n, &ts, &how, &[43]).unwrap(), got);
+    }
+
+    #[test]
+    fn task_merge_truncates_optimally() {
+        let (m, n) = (24, 18);
+        let mut rng = Rng(22);
+        let ads = three(&mut rng, m, n);
+        let ts = terms(&ads, &WEIGHTS);
+        let reference = task_merge_dense(m, n, &ts, &TIES, &[]).unwrap();
+        let sv = dense_singular_values(&reference, m, n);
+        for r in [1, 5, 18, 40] {
+            let f = task_merge(m, n, &ts, &TIES, &[], r).unwrap();
+            assert_eq!(f.rank, r.min(18));
+            let optimal = optimal_rel_error(&sv, r);
+            assert!((f.rel_error - optimal).abs() < F64_TOL, "rank {r}");
+            assert!((f.energy - (1.0 - optimal * optimal)).abs() < F64_TOL);
+            let achieved = rel_diff(&product(&f, m, n), &reference);
+            assert!((achieved - optimal).abs() < F32_TOL, "rank {r}: {achieved}");
+        }
+        // Full rank: lossless, and recorded as exactly 0 (not -0).
+        let f = task_merge(m, n, &ts, &TIES, &[], 18).unwrap();
+        assert!(f.rel_error == 0.0 && f.rel_error.is_sign_positive());
+    }
+
+    #[test]
+    fn task_merge_refuses_bad_density_and_non_finite_input() {
+        let rows = rows();
+        let one = [1.0f32];
+        for density in [0.0, -0.5, 1.5, f64::NAN] {
+            let how = TaskMerge { density, ..TIES };
+            let e =
+                task_merge_dense(1, 4, &row_terms(&rows, &[1.0; 3], &one), &how, &[]).unwrap_err();
+            assert!(e.contains("density"), "{e}");
+        }
+        let bad = vec![vec![1.0f32, f32::INFINITY, 0.0, 0.0]];
+        let e = task_merge(1, 4, &row_terms(&bad, &[1.0], &one), &TIES, &[], 1).unwrap_err();
+        assert!(e.contains("term 0: A"), "{e}");
+        assert_eq!(task_merge(4, 3, &[], &TIES, &[], 2).unwrap().rank, 0);
+    }
+
+    #[test]
+    fn task_merge_bytes_counts_the_dense_work() {
+        let (m, n) = (4096, 4096);
+        let len = (m * n) as u64;
+        let ties = task_merge_bytes(m, n, &TIES, 16);
+        // At least the delta, the pruning scratch and four running sums.
+        assert!(ties >= len * 40, "{ties}");
+        let dare_linear = TaskMerge {
+            prune: Prune::Random,
+            density: 0.5,
+            elect: None,
+        };
+        let lin = task_merge_bytes(m, n, &dare_linear, 16);
+        // The SVD of the m x n result (its input, U, V and faer's
+        // workspace) needs more than the delta and one sum.
+        assert!(lin >= len * 40 && lin <= ties, "{lin} vs {ties}");
+    }
+
+    /// `cargo test --release --no-default-features --lib task_merge_timing -- --ignored --nocapture`:
+    /// time and peak memory of one large module, against the estimate.
+    #[test]
+    #[ignore]
+    fn task_merge_timing() {
+        let (m, n) = (4096, 4096);
+        let mut rng = Rng(23);
+        let ads: Vec<Adapter> = (0..4).map(|_| adapter(&mut rng, m, n, 16, 32.0)).collect();
+        let ts = terms(&ads, &[1.0; 4]);
+        let how = TaskMerge {
+            density: 0.2,
+            ..TIES
+        };
+        let start = std::time::Instant::now();
+        let f = task_merge(m, n, &ts, &how, &[], 16).unwrap();
+        let elapsed = start.elapsed();
+        let peak = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+            * 1024;
+        crate::ui::note(&format!(
+            "ties {m}x{n}, 4 adapters -> rank 16: {elapsed:?} (rel_error {:.4}); peak RSS {} MB, estimate {} MB",
+            f.rel_error,
+            peak >> 20,
+            task_merge_bytes(m, n, &how, 16) >> 20
+        ));
     }
 
     /// `cargo test --release --no-default-features --lib svd_timing -- --ignored --nocapture`

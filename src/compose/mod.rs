@@ -4,3 +4,4 @@
 pub mod math;
 pub mod merge;
 pub mod spill;
+pub mod weights_file;

@@ -136,13 +136,17 @@ pub fn merge_contents<'a>(m: &Merge<'a>) -> Result<Contents<'a>> {
                 Method::Exact => "Exact: the factors are stacked, so the adapter's delta is exactly the weighted sum of the inputs' deltas.",
                 Method::Svd { .. } => "SVD: the best low-rank approximation of the exact weighted sum; per-module error in the manifest.",
                 Method::Linear => "Linear: A and B averaged separately as PEFT's `linear` does; approximate (cross terms), error per module in the manifest.",
+                Method::Ties { .. } => "TIES as PEFT's `ties_svd`: each input's delta pruned to its largest entries, a sign elected per entry, the agreeing entries averaged, then the best low-rank approximation; per-module error of that approximation in the manifest.",
+                Method::DareLinear { .. } => "DARE as PEFT's `dare_linear_svd`: entries of each input's delta dropped at random (seeded) and the rest rescaled, the weighted sum, then the best low-rank approximation; per-module error of that approximation in the manifest.",
+                Method::DareTies { .. } => "DARE-TIES as PEFT's `dare_ties_svd`: entries dropped at random (seeded) and rescaled, a sign elected per entry, the agreeing entries averaged, then the best low-rank approximation; per-module error of that approximation in the manifest.",
+                Method::MagnitudePrune { .. } => "Magnitude pruning as PEFT's `magnitude_prune_svd`: each input's delta pruned to its largest entries, the weighted sum, then the best low-rank approximation; per-module error of that approximation in the manifest.",
             }
         ),
         base_model: base_model.clone(),
         license: same(licenses.into_iter()).flatten(),
         format: m.format.name(),
         tags: vec!["merge"],
-        method: Some(m.method.name().into()),
+        method: Some(m.method.describe()),
         inputs: set
             .adapters
             .iter()
@@ -168,19 +172,30 @@ pub fn merge_contents<'a>(m: &Merge<'a>) -> Result<Contents<'a>> {
     let mut manifest = Manifest::new(
         MethodRecord {
             name: m.method.name(),
-            rank: match m.method {
-                Method::Svd { rank, .. } => Some(rank),
-                _ => None,
-            },
-            conv_rank: match m.method {
-                Method::Svd { conv_rank, .. } => conv_rank,
-                _ => None,
-            },
+            rank: m
+                .method
+                .output_rank()
+                .map(|(rank, _)| rank)
+                .filter(|&r| r != usize::MAX),
+            conv_rank: m.method.output_rank().and_then(|(_, conv_rank)| conv_rank),
+            rank_target: m.method.target(),
             output_format: m.format,
             dtype: m.dtype,
             approximate: m.method != Method::Exact,
-            svd_factor_split: matches!(m.method, Method::Svd { .. })
-                .then_some("balanced: B = Q_B U sqrt(S), A = sqrt(S) V^T Q_A^T"),
+            svd_factor_split: if matches!(m.method, Method::Svd { .. }) {
+                Some("balanced: B = Q_B U sqrt(S), A = sqrt(S) V^T Q_A^T")
+            } else if m.method.task().is_some() {
+                Some("balanced: B = U sqrt(S), A = sqrt(S) V^T")
+            } else {
+                None
+            },
+            density: m.method.task().map(|t| t.density),
+            majority_sign: m.method.task().and_then(|t| t.elect).map(|s| s.name()),
+            seed: m.method.seed(),
+            rel_error_of: m.method.task().is_some().then_some(
+                "the method's own dense merge of the pruned deltas (what --rank loses), \
+                 not the weighted sum of the inputs",
+            ),
         },
         BaseModelRecord {
             name: base_model,
@@ -231,6 +246,13 @@ pub fn merge_contents<'a>(m: &Merge<'a>) -> Result<Contents<'a>> {
                     rel_error: x.factored.rel_error,
                     energy: x.factored.energy,
                     adapters: x.sources.clone(),
+                    weights: {
+                        let w = m.weights.for_module(&x.name);
+                        x.sources
+                            .iter()
+                            .filter_map(|&i| w.get(i).copied())
+                            .collect()
+                    },
                 },
             )
         })

@@ -95,15 +95,35 @@ impl Tool {
 /// How the adapter's tensors were made.
 #[derive(Debug, Serialize)]
 pub struct MethodRecord {
-    /// `exact`, `svd`, `linear`, or `train`.
+    /// `exact`, `svd`, `linear`, `ties`, `dare-linear`, `dare-ties`,
+    /// `magnitude-prune`, or `train`.
     pub name: &'static str,
+    /// The output rank; with `rank_target`, the cap (`--max-rank`), absent
+    /// when there is none. Each module's own rank is in `modules`.
     pub rank: Option<usize>,
     pub conv_rank: Option<usize>,
+    /// `--rank auto`: `{"energy": F}` or `{"tolerance": F}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank_target: Option<crate::compose::merge::Target>,
     pub output_format: Format,
     pub dtype: DType,
     /// Whether the written deltas may differ from the exact weighted sum.
     pub approximate: bool,
     pub svd_factor_split: Option<&'static str>,
+    /// ties, dare-linear, dare-ties, magnitude-prune: the fraction of each
+    /// delta's entries kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub density: Option<f64>,
+    /// ties, dare-ties: `total` or `frequency`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub majority_sign: Option<&'static str>,
+    /// dare-linear, dare-ties: the seed of the dropped entries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// What each module's `rel_error` and `energy` measure against, when it
+    /// is not the exact weighted sum.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rel_error_of: Option<&'static str>,
 }
 
 /// One merged input: as given, as resolved, its files and its own scale.
@@ -149,6 +169,10 @@ pub struct ModuleRecord {
     pub energy: f64,
     /// Indices into `inputs` of the adapters that adapt this module.
     pub adapters: Vec<usize>,
+    /// The weight each of those adapters had in this module, in the same
+    /// order: the global weights, a `--weights-file` rule's, or `fit`'s.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<f64>,
 }
 
 /// One point of a loss curve.

@@ -51,16 +51,26 @@ impl DType {
     }
 }
 
-/// A tensor that is still a view into a memory-mapped file. Bytes are only
-/// decoded when the math needs them.
+/// A tensor as the math reads it: usually a view into a memory-mapped file
+/// (bytes are only decoded when the math needs them), or, for factors we
+/// compute at load (LyCORIS modules rewritten as LoRA factors, see
+/// [`crate::adapter::lycoris`]), values we own.
 #[derive(Clone)]
 pub struct TensorRef {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<usize>,
-    pub(crate) map: Arc<Mmap>,
-    /// Absolute byte range inside `map` (already validated).
-    pub(crate) range: Range<usize>,
+    pub(crate) storage: Storage,
+}
+
+/// Where a [`TensorRef`]'s values live.
+#[derive(Clone)]
+pub(crate) enum Storage {
+    /// Bytes of a memory-mapped file: `range` is an absolute byte range
+    /// inside `map` (already validated).
+    Mapped { map: Arc<Mmap>, range: Range<usize> },
+    /// f32 values computed in memory (`dtype` is then F32).
+    Owned(Arc<[f32]>),
 }
 
 impl std::fmt::Debug for TensorRef {
@@ -69,41 +79,95 @@ impl std::fmt::Debug for TensorRef {
             .field("name", &self.name)
             .field("dtype", &self.dtype)
             .field("shape", &self.shape)
+            .field("owned", &matches!(self.storage, Storage::Owned(_)))
             .finish()
     }
 }
 
 impl TensorRef {
+    /// A view of `range` inside `map`.
+    pub(crate) fn mapped(
+        name: String,
+        dtype: DType,
+        shape: Vec<usize>,
+        map: Arc<Mmap>,
+        range: Range<usize>,
+    ) -> TensorRef {
+        TensorRef {
+            name,
+            dtype,
+            shape,
+            storage: Storage::Mapped { map, range },
+        }
+    }
+
+    /// An f32 tensor holding `values` (row-major, `shape`'s element count).
+    pub fn owned(name: String, shape: Vec<usize>, values: Vec<f32>) -> TensorRef {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "tensor {name}: shape {shape:?} does not match its values"
+        );
+        TensorRef {
+            name,
+            dtype: DType::F32,
+            shape,
+            storage: Storage::Owned(values.into()),
+        }
+    }
+
+    /// Values computed in memory rather than read from a file.
+    pub fn is_owned(&self) -> bool {
+        matches!(self.storage, Storage::Owned(_))
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// The values' bytes: little-endian for a mapped tensor, as safetensors
+    /// mandates; native order for an owned one (the same on the
+    /// little-endian targets libtorch, the only reader of raw bytes, runs on).
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.range.clone()]
+        match &self.storage {
+            Storage::Mapped { map, range } => &map[range.clone()],
+            Storage::Owned(v) => {
+                // SAFETY: any initialised f32 memory is valid as bytes, u8
+                // has alignment 1, and the length covers exactly the slice.
+                unsafe {
+                    std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(&**v))
+                }
+            }
+        }
     }
 
     /// Tell the kernel we are done with these bytes, so that pages already
     /// decoded stop counting towards resident memory while later modules are
-    /// merged. Best effort: failure only costs memory.
+    /// merged. Best effort: failure only costs memory. Owned values are
+    /// freed with their last reference instead.
     pub fn release(&self) {
         #[cfg(unix)]
-        // SAFETY: the map is a read-only mapping of a file we never write.
-        // MADV_DONTNEED on such pages only drops the cached copy; any later
-        // read faults the same bytes back in from the file, so references
-        // into the map stay valid and see unchanged data.
-        unsafe {
-            let _ = self.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                self.range.start,
-                self.range.len(),
-            );
+        if let Storage::Mapped { map, range } = &self.storage {
+            // SAFETY: the map is a read-only mapping of a file we never
+            // write. MADV_DONTNEED on such pages only drops the cached copy;
+            // any later read faults the same bytes back in from the file, so
+            // references into the map stay valid and see unchanged data.
+            unsafe {
+                let _ = map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.len(),
+                );
+            }
         }
     }
 
-    /// The values as f32: borrowed straight from the map when the tensor is
-    /// stored as aligned little-endian f32 (no copy, no extra memory), else
-    /// decoded.
+    /// The values as f32: borrowed when they are owned, or stored as aligned
+    /// little-endian f32 in the map (no copy, no extra memory), else decoded.
     pub fn f32_view(&self) -> std::borrow::Cow<'_, [f32]> {
+        if let Storage::Owned(v) = &self.storage {
+            return std::borrow::Cow::Borrowed(v);
+        }
         if self.dtype == DType::F32 && cfg!(target_endian = "little") {
             // SAFETY: every bit pattern is a valid f32, and align_to only
             // yields a middle slice that is correctly aligned.
@@ -117,6 +181,9 @@ impl TensorRef {
 
     /// Decode to f32 (little-endian input, as safetensors mandates).
     pub fn to_f32(&self) -> Vec<f32> {
+        if let Storage::Owned(v) = &self.storage {
+            return v.to_vec();
+        }
         let b = self.bytes();
         match self.dtype {
             DType::F32 => b

@@ -188,13 +188,13 @@ impl SafetensorsFile {
         for t in parsed {
             match t.dtype {
                 Elem::Float(dtype) => {
-                    let tensor = TensorRef {
-                        name: t.name.clone(),
+                    let tensor = TensorRef::mapped(
+                        t.name.clone(),
                         dtype,
-                        shape: t.shape,
-                        map: Arc::clone(&map),
-                        range: t.range,
-                    };
+                        t.shape,
+                        Arc::clone(&map),
+                        t.range,
+                    );
                     tensors.insert(t.name, tensor);
                 }
                 Elem::Other(name, _) => {

@@ -307,6 +307,88 @@ fn exact_merge_equals_weighted_sum_of_deltas_and_is_reproducible() {
     assert!(stderr(&o).contains("adapter_config.json"), "{}", stderr(&o));
 }
 
+/// The delta B @ A of one merged module, in f64.
+fn written_delta(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, name: &str) -> Vec<f64> {
+    let (a_shape, a) = &tensors[&format!("base_model.model.{name}.lora_A.weight")];
+    let (b_shape, b) = &tensors[&format!("base_model.model.{name}.lora_B.weight")];
+    let (r, fo, fi) = (a_shape[0], b_shape[0], a_shape[1]);
+    let mut got = vec![0.0f64; fo * fi];
+    for o in 0..fo {
+        for i in 0..fi {
+            got[o * fi + i] = (0..r)
+                .map(|k| b[o * r + k] as f64 * a[k * fi + i] as f64)
+                .sum();
+        }
+    }
+    got
+}
+
+/// --weights-file: the first rule in the file that matches a module gives
+/// its weights, others get --weights; the manifest records each module's
+/// weights; rules that match nothing or give the wrong count are refused.
+#[test]
+fn a_weights_file_gives_each_module_its_own_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dirs, mods, scales) = three_adapters(tmp.path());
+    let rules = tmp.path().join("weights.json");
+    // File order matters: "q_proj" would also be matched by the second
+    // rule, which sorts first.
+    std::fs::write(
+        &rules,
+        r#"{"q_proj": [1, 0, 0], "layers\\.[01]\\.(mlp|self_attn\\.q)": [0.5, -1.5, 2]}"#,
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let mut args: Vec<String> = vec!["uniform".into(), "--adapters".into()];
+    args.extend(dirs.iter().map(|d| d.display().to_string()));
+    args.extend(["--weights", "0.2", "0.3", "0.5", "--weights-file"].map(String::from));
+    args.push(rules.display().to_string());
+    args.push("-o".into());
+    args.push(out.display().to_string());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&argv);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tensors = read_tensors(&out.join("adapter_model.safetensors"));
+    let man: Value =
+        serde_json::from_slice(&std::fs::read(out.join("merge_manifest.json")).unwrap()).unwrap();
+    let expect: [[f64; 3]; 3] = [[1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [0.5, -1.5, 2.0]];
+    for (mi, name) in MODS.iter().enumerate() {
+        let terms: Vec<(f64, f64, &Module)> = (0..3)
+            .filter(|&i| mods[i].len() > mi)
+            .map(|i| (expect[mi][i], scales[i], &mods[i][mi]))
+            .collect();
+        let e = rel_err(&written_delta(&tensors, name), &dense_reference(&terms));
+        assert!(e < 1e-6, "{name}: relative error {e}");
+        let recorded: Vec<f64> = terms.iter().map(|t| t.0).collect();
+        assert_eq!(man["modules"][*name]["weights"], json!(recorded), "{name}");
+    }
+
+    let refused = |text: &str, why: &str, names: &str| {
+        std::fs::write(&rules, text).unwrap();
+        let out = tmp.path().join("refused");
+        let mut a = argv.clone();
+        let last = a.len() - 1;
+        let o = out.display().to_string();
+        a[last] = &o;
+        assert_refused(&a, &out, names, why);
+    };
+    refused(
+        r#"{"q_proj": [1, 0, 0], "k_proj": [1, 2, 3]}"#,
+        "a rule that matches nothing",
+        "\"k_proj\" matches no module",
+    );
+    refused(
+        r#"{"q_proj": [1, 0]}"#,
+        "a rule with too few weights",
+        "gives 2 weights but 3 adapters",
+    );
+    refused(
+        r#"{"proj": [1, 1, 1], "q_proj": [1, 0, 0]}"#,
+        "a rule shadowed by an earlier one",
+        "\"q_proj\" matches no module not already taken",
+    );
+}
+
 #[test]
 fn existing_output_needs_force_and_strict_refuses_partial_modules() {
     let tmp = tempfile::tempdir().unwrap();

@@ -44,6 +44,10 @@ fn expected_output_checks() -> BTreeSet<String> {
     for label in ["svd-r4", "svd-r4-weighted", "svd-r12"] {
         add(label, &SVD);
     }
+    const AUTO: [&str; 4] = ["module-set", "auto-ranks", "optimal", "manifest-rel_error"];
+    for label in ["svd-auto-energy", "svd-auto-tolerance"] {
+        add(label, &AUTO);
+    }
     for label in ["exact-f16", "exact-bf16"] {
         add(label, &DTYPE);
     }

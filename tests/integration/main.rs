@@ -19,7 +19,9 @@ mod hostile;
 mod hub;
 mod interop;
 mod layering;
+mod lycoris;
 mod man;
+mod methods;
 #[cfg(feature = "torch")]
 mod model;
 mod sd;

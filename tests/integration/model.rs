@@ -625,6 +625,37 @@ fn fit_is_deterministic_and_records_what_it_did() {
         .contains("](weights.svg)"));
     let v = run(&["verify", p(&outs[0])]);
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    // The learned weights, written as a --weights-file, merge again without
+    // refitting to the very same adapter.
+    let again = f.join("fit-again");
+    let o = run(&[
+        "uniform",
+        "--adapters",
+        p(&a[0]),
+        p(&a[1]),
+        p(&a[2]),
+        "--weights-file",
+        p(&outs[0].join("weights.json")),
+        "-o",
+        p(&again),
+        "--force",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::fs::read(outs[0].join("adapter_model.safetensors")).unwrap()
+            == std::fs::read(again.join("adapter_model.safetensors")).unwrap(),
+        "re-merging fit's weights.json gives other bytes"
+    );
+    // Both manifests record every module's effective weights alike.
+    let m2 = read_json(&again.join("merge_manifest.json"));
+    assert_eq!(m["modules"], m2["modules"]);
+    for (name, rec) in m["modules"].as_object().unwrap() {
+        let n = rec["adapters"].as_array().unwrap().len();
+        assert!(
+            n > 0 && rec["weights"].as_array().unwrap().len() == n,
+            "{name}: {rec}"
+        );
+    }
 }
 
 #[test]

@@ -372,28 +372,6 @@ fn mixed_layouts_need_output_format() {
     assert!(!tmp.path().join("x").exists());
 }
 
-#[test]
-fn lycoris_is_refused_by_name() {
-    for (file, what) in [("loha", "LoHa"), ("lokr", "LoKr")] {
-        let p = fixtures().join(format!("{file}.safetensors"));
-        for extra in [&[][..], &["--format", "kohya"][..]] {
-            let tmp = tempfile::tempdir().unwrap();
-            let mut args = vec![
-                "uniform",
-                "--adapters",
-                p.to_str().unwrap(),
-                "-o",
-                tmp.path().to_str().unwrap(),
-            ];
-            args.extend_from_slice(extra);
-            let o = run(&args);
-            assert!(!o.status.success());
-            let e = String::from_utf8_lossy(&o.stderr);
-            assert!(e.contains(what), "{e}");
-        }
-    }
-}
-
 /// Tensor names of a safetensors file.
 fn tensor_names(path: &Path) -> Vec<String> {
     SafetensorsFile::open(path)
@@ -614,4 +592,58 @@ fn unmapped_sgm_names_are_refused_for_diffusers_output() {
         );
         assert!(!out.exists());
     }
+}
+
+/// Block weights: a --weights-file rule written against diffusers paths
+/// (`^unet\.down_blocks\.`) selects the same modules whatever layout the
+/// inputs are in (kohya and diffusers here), and the manifest records them.
+/// (The fixtures adapt down blocks, the middle block and the text encoder.)
+#[test]
+fn block_weights_match_diffusers_paths_in_every_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("blocks.json");
+    std::fs::write(
+        &rules,
+        r#"{"^unet\\.down_blocks\\.": [1, 0], "^unet\\.mid_block\\.": [0, 1]}"#,
+    )
+    .unwrap();
+    let out = tmp.path().join("blocks");
+    ok(&[
+        "uniform",
+        "--adapters",
+        &input("sd15_a", "kohya"),
+        &input("sd15_b", "diffusers"),
+        "--output-format",
+        "kohya",
+        "--weights",
+        "0.25",
+        "0.75",
+        "--weights-file",
+        rules.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("merge_manifest.json")).unwrap()).unwrap();
+    let mut seen = [0usize; 3];
+    for (name, rec) in m["modules"].as_object().unwrap() {
+        let w: Vec<f64> = rec["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let (want, k) = if name.starts_with("lora_unet_down_blocks_") {
+            (vec![1.0, 0.0], 0)
+        } else if name.starts_with("lora_unet_mid_block_") {
+            (vec![0.0, 1.0], 1)
+        } else {
+            (vec![0.25, 0.75], 2)
+        };
+        // Both inputs adapt every module (their layouts line up).
+        assert_eq!(rec["adapters"], serde_json::json!([0, 1]), "{name}");
+        assert_eq!(w, want, "{name}");
+        seen[k] += 1;
+    }
+    assert!(seen.iter().all(|&n| n > 0), "{seen:?}");
 }

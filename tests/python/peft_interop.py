@@ -336,6 +336,49 @@ def check_svd(label, out, out_d, out_r, tgt, rank):
         R.info(f"{label}/manifest-energy", f"energy != 1 - opt_err^2 for {len(bad_energy)} modules, e.g. {bad_energy[:2]}")
 
 
+def check_auto(label, out, out_d, out_r, tgt, cfg, energy=None, tol=None, max_rank=None):
+    """--rank auto: each module's rank (as PEFT loaded it, from rank_pattern) is the
+    smallest meeting the target (at most max_rank), and its error is the optimum for
+    that rank, as the manifest says."""
+    if not check_modules(label, out_d, tgt):
+        return
+    man = manifest_modules(out)
+    need = energy if energy is not None else 1.0 - tol * tol
+    bad_rank, bad_err, bad_man, ranks = [], [], [], set()
+    for m, t in tgt.items():
+        s2 = torch.linalg.svdvals(t).pow(2)
+        total = s2.sum().item()
+        cum = torch.cumsum(s2, 0) / total
+        # smallest r with cum[r-1] >= need; where the spectrum sits within 1e-5 of the
+        # target at the boundary, either neighbour is right to rounding.
+        want = int((cum < need - 1e-12).sum().item()) + 1
+        ok_r = {want}
+        if want - 2 >= 0 and abs(cum[want - 2].item() - need) < 1e-5:
+            ok_r.add(want - 1)
+        if want - 1 < len(cum) and abs(cum[want - 1].item() - need) < 1e-5:
+            ok_r.add(want + 1)
+        if max_rank is not None:
+            ok_r = {min(r, max_rank) for r in ok_r}
+        r = out_r[m]
+        ranks.add(r)
+        if r not in ok_r:
+            bad_rank.append((m, r, sorted(ok_r)))
+        opt = math.sqrt(max(0.0, total - s2[:r].sum().item()) / total)
+        err = rel(out_d[m], t)
+        if not (err <= opt * (1 + SVD_REL_SLACK) + SVD_ABS_SLACK and err >= opt * (1 - SVD_REL_SLACK) - SVD_ABS_SLACK):
+            bad_err.append((m, fmt(err), fmt(opt)))
+        mm = man.get(m)
+        if mm is None or mm.get("rank") != r or abs(mm.get("rel_error", float("nan")) - err) > MANIFEST_TOL_REL * err + MANIFEST_TOL_ABS:
+            bad_man.append((m, None if mm is None else (mm.get("rank"), mm.get("rel_error")), r, fmt(err)))
+    R.check(f"{label}/auto-ranks", not bad_rank and len(ranks) > 1,
+            f"{len(tgt)} modules, ranks {sorted(ranks)}, rank_pattern {len(cfg.get('rank_pattern') or {})}"
+            if not bad_rank and len(ranks) > 1 else f"(module, ours, smallest meeting the target) {bad_rank[:3]}; ranks {sorted(ranks)}")
+    R.check(f"{label}/optimal", not bad_err,
+            "error = optimum at each module's rank" if not bad_err else f"(module, err, optimal) {bad_err[:3]}")
+    R.check(f"{label}/manifest-rel_error", not bad_man,
+            "manifest rank and rel_error == measured" if not bad_man else f"{bad_man[:3]}")
+
+
 def check_forward(env: Env, label, pm, tgt):
     """Merged model logits == base weights + summed deltas added by hand."""
     torch.manual_seed(0)
@@ -413,6 +456,11 @@ def main(argv=None) -> int:
             ("svd-r4-weighted", ["--adapters", *paths, "--method", "svd", "--rank", "4", "--weights", *map(repr, w_exp)],
              names, w_exp, "svd", 4),
             ("svd-r12", ["--adapters", *paths, "--method", "svd", "--rank", "12"], names, w_def, "svd", 12),
+            ("svd-auto-energy", ["--adapters", *paths, "--method", "svd", "--rank", "auto", "--energy", "0.9"],
+             names, w_def, "auto", {"energy": 0.9}),
+            ("svd-auto-tolerance", ["--adapters", *paths, "--method", "svd", "--rank", "auto", "--tolerance", "0.2",
+                                    "--max-rank", "6", "--weights", *map(repr, w_exp)],
+             names, w_exp, "auto", {"tol": 0.2, "max_rank": 6}),
         ]
         exact_outputs = {}
         for label, cli, ns, ws, method, rank in runs:
@@ -428,6 +476,8 @@ def main(argv=None) -> int:
                 check_exact(label, out, out_d, out_r, tgt, in_ranks, ns)
                 check_forward(env, label, pm, tgt)
                 exact_outputs[label] = out_d
+            elif method == "auto":
+                check_auto(label, out, out_d, out_r, tgt, cfg, **rank)
             else:
                 check_svd(label, out, out_d, out_r, tgt, rank)
             del pm

@@ -14,6 +14,7 @@ use lora_merge::adapter::{AdapterSet, CompatReport, Format};
 use lora_merge::checkpoint::ModelDir;
 use lora_merge::cli::{FitArgs, GranularityArg, HeadArg};
 use lora_merge::compose::merge::{self, Weights};
+use lora_merge::compose::weights_file::WeightRules;
 use lora_merge::data::Task;
 use lora_merge::output::describe::{self, Merge};
 use lora_merge::output::guard::Input;
@@ -28,6 +29,9 @@ use lora_merge::ui::{human_bytes, print_json, progress};
 use lora_merge::{Error, Result};
 use serde_json::json;
 use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
+
+/// The learned weights, in `uniform --weights-file` format.
+const WEIGHTS_FILE: &str = "weights.json";
 
 use crate::engine::lora::{canonical, group_key, Grouping};
 use crate::engine::tokenize::Tok;
@@ -555,7 +559,10 @@ fn report(
 pub fn run(args: &FitArgs) -> Result<()> {
     let t0 = Instant::now();
     let out = OutputSettings::from_args(&args.out);
-    let merge_settings = MergeSettings::from_args(&args.merge)?;
+    let merge_settings = MergeSettings::from_args(
+        &args.merge,
+        args.merge.method.is_random().then_some(args.seed),
+    )?;
     check_flags(args)?;
     let inp = open_inputs(args, &out, &merge_settings)?;
     let mut rng = Rng(args.seed);
@@ -613,6 +620,12 @@ pub fn run(args: &FitArgs) -> Result<()> {
     contents
         .files
         .push(("weights.svg".into(), svg.into_bytes()));
+    // The learned weights as a --weights-file, to merge again with another
+    // method, rank or layout without refitting.
+    contents.files.push((
+        WEIGHTS_FILE.into(),
+        WeightRules::render(&learned.weights.per_module, &learned.weights.global),
+    ));
     if let Some((hw, hb)) = &learned.head {
         contents
             .files

@@ -84,10 +84,15 @@ fn contents<'a>(
             name: "train",
             rank: Some(args.rank),
             conv_rank: None,
+            rank_target: None,
             output_format: Format::Peft,
             dtype: DType::F32,
             approximate: false,
             svd_factor_split: None,
+            density: None,
+            majority_sign: None,
+            seed: None,
+            rel_error_of: None,
         },
         BaseModelRecord {
             name: Some(args.base.clone()),
@@ -108,6 +113,7 @@ fn contents<'a>(
                     rel_error: 0.0,
                     energy: 1.0,
                     adapters: Vec::new(),
+                    weights: Vec::new(),
                 },
             )
         })
