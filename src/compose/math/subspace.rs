@@ -1,0 +1,846 @@
+//! The top singular triplets of a factored operator `M = B' A'` (`B'` is
+//! `m x k`, `A'` is `k x n`) by randomized subspace iteration, without the
+//! `m x n` matrix and without an SVD of size `k`.
+//!
+//! When the summed rank `k` is large (many adapters), the exact routes of
+//! [`super::svd`] cost a `k x k` SVD (about `22 k^3` flops) or a dense
+//! `m x n` SVD. Here the work is two Gram matrices, `G_B = B'^T B'` and
+//! `G_A = A' A'^T` (`(m + n) k^2` flops with symmetry, and they give
+//! `||M||_F^2 = <G_B, G_A>` exactly), then a block of `l = rank + p` vectors
+//! iterated in the `k`-dimensional coordinates: a right basis `V = A'^T Y`
+//! has `M V = B' (G_A Y)` and `M^T M V = A'^T (G_B G_A Y)`, so a power step
+//! (shifted: `M^T M - mu`) is two `k x k` by `k x l` products, and Gram
+//! matrices of the block give the Ritz values (the singular values of `M V`)
+//! for free. The Gram matrices and the power steps, nearly all of the work,
+//! run in single precision first (half the time); where the delta's best
+//! rank-`rank` error is under 5% of its norm (a fast-decaying spectrum, whose
+//! small error single precision cannot resolve to the promised margin),
+//! the iteration is run again in double precision. The last subspace is
+//! then orthonormalized by Householder QR in the `n`-space and `M P` is
+//! formed from the factors, so the reported singular values and the energy
+//! they keep are those of the output itself, to rounding.
+//!
+//! Accuracy: iteration stops once the captured top-`rank` energy has stopped
+//! growing: the last gain, extrapolated as a geometric series with the
+//! observed contraction, must be below [`ENERGY_TOL`] of the error energy
+//! still left. The Frobenius error of the result is then predicted to exceed
+//! the optimal (Eckart–Young) error by less than `ENERGY_TOL / 2`, a quarter
+//! of the 0.1% this route promises (the tests measure the margin on flat,
+//! decaying and plateau spectra). A run that has not converged after
+//! [`MAX_STEPS`], or
+//! whose final energy disagrees with the iteration's, returns `None` and the
+//! caller takes the exact route.
+//!
+//! Deterministic: the start block comes from a generator seeded by the
+//! module's shape, rank and a sample of its factors, and every product runs
+//! sequentially, so a module gives the same bits on every run.
+
+use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructure};
+use faer::{Accum, Mat, MatRef, Par};
+
+use super::{apply_q, householder_qr, mul, thin_svd, truncate, Factored, ThinSvd};
+use crate::rng::Rng;
+
+/// The iteration stops when the energy it can still gain is predicted to be
+/// below this share of the error energy left. An error within a factor
+/// `1 + e` of the optimum allows an energy shortfall of `(1 + e)^2 - 1`
+/// (`2e-3` for `e = 1e-3`) of the optimal error energy; this is a quarter of
+/// that. (Measured: the error ends 2e-4 or less above the optimum, as the
+/// output takes one more half step than the last energy checked.)
+pub(super) const ENERGY_TOL: f64 = 5e-4;
+
+/// Power steps (each `M^T M` once) before giving up for the exact route.
+pub(super) const MAX_STEPS: usize = 40;
+
+/// Steps a typical run takes, for the cost estimate: random (flat)
+/// spectra of summed rank about 1000 take 7-9, decaying ones 3-5.
+const EXPECTED_STEPS: f64 = 10.0;
+
+/// The smallest summed rank for which the cost rule is consulted. At 256
+/// (8 SDXL adapters of rank 32) the rule finds the tall 10240 x 1280 layers
+/// just cheaper here, but the whole merge measured the same either way:
+/// below this the exact routes keep their exact, unchanged output.
+const MIN_SUMMED_RANK: usize = 384;
+
+/// Oversampling: `l = rank + p` vectors are iterated. The convergence rate
+/// of the top `rank` depends on `s_(l+1) / s_rank`, so more helps on flat
+/// spectra; half the rank (at least 8) costs little next to the Gram
+/// matrices.
+fn block_size(rank: usize) -> usize {
+    rank + (rank / 2).max(8)
+}
+
+/// Whether this route is expected to be at least twice as fast as the exact
+/// one for a `m x n` delta of summed rank `k` truncated to `rank`. Costs are
+/// in flops, with constants measured for faer on one x86-64 core: a `k x k`
+/// SVD with vectors is about `22 k^3`, a Householder QR of `r x c` about
+/// `3 r c^2`, a thin SVD of `p x q` (`p <= q`) about `8 p^2 q + 12 p^3`.
+pub(super) fn is_cheaper(m: usize, n: usize, k: usize, rank: usize) -> bool {
+    // Below a summed rank of a few hundred the exact routes are fast, and
+    // exact.
+    if rank == 0 || k < MIN_SUMMED_RANK {
+        return false;
+    }
+    let l = block_size(rank);
+    // The block must be well inside the operator's possible rank, else the
+    // exact routes are small anyway.
+    if 2 * l > k.min(m).min(n) {
+        return false;
+    }
+    let (mf, nf, kf, lf) = (m as f64, n as f64, k as f64, l as f64);
+    let exact = if k < m.min(n) {
+        3.0 * (mf + nf) * kf * kf + 22.0 * kf.powi(3)
+    } else {
+        let (p, q) = (mf.min(nf), mf.max(nf));
+        2.0 * mf * nf * kf + 8.0 * p * p * q + 12.0 * p.powi(3)
+    };
+    // Gram matrices; per step two k x k by k x l products, the block's
+    // small products and two l x l SVDs; the final Ritz step.
+    let step = 4.0 * kf * kf * lf + 8.0 * kf * lf * lf + 44.0 * lf.powi(3);
+    let ours = (mf + nf) * kf * kf + EXPECTED_STEPS * step + 2.0 * (2.0 * nf + mf) * kf * lf;
+    2.0 * ours < exact
+}
+
+/// The best rank-`rank` approximation of `b @ at^T` found in a subspace
+/// (see the module docs), as [`Factored`] with the conventions of
+/// [`super::svd`]; `None` where this route cannot vouch for its result
+/// (not converged, or a delta too small next to its factors) and the
+/// exact route must run.
+pub(super) fn svd(
+    b: MatRef<f64>,
+    at: MatRef<f64>,
+    rank: usize,
+    noise: f64,
+) -> Result<Option<Factored>, String> {
+    let seed = seed_for(b, at, rank);
+    let Some((part, total)) = top_singular(b, at, rank, seed)? else {
+        return Ok(None);
+    };
+    Ok(Some(finish(part, total, rank, noise)))
+}
+
+/// The top singular triplets of `M = b @ at^T` (`b` is `m x k`, `at` is
+/// `n x k`): a thin SVD of `M` restricted to a subspace of dimension at
+/// most `block_size(rank)` that holds (to [`ENERGY_TOL`]) the best rank-`rank`
+/// approximation, and `||M||_F^2`. The approximation `u diag(s) v^T` is
+/// `M P P^T` for an orthonormal `P`, so `||M||_F^2 - sum s^2` is the energy
+/// outside it. Reusable by any method that truncates a factored delta.
+///
+/// `None` if the iteration does not converge within [`MAX_STEPS`], or the
+/// delta cannot be resolved from Gram matrices; the caller then needs an
+/// exact route.
+pub(super) fn top_singular(
+    b: MatRef<f64>,
+    at: MatRef<f64>,
+    rank: usize,
+    seed: u64,
+) -> Result<Option<(ThinSvd, f64)>, String> {
+    let (m, k) = b.shape();
+    let n = at.nrows();
+    assert_eq!(
+        at.ncols(),
+        k,
+        "b and at must have the same number of columns"
+    );
+    let l = block_size(rank);
+    assert!(
+        rank >= 1 && l < k.min(m).min(n),
+        "block of {l} for {m} x {n} of rank {k}"
+    );
+    let scale = b.norm_l2().powi(2) * at.norm_l2().powi(2);
+    // Single precision first: half the time of double for the Gram matrices
+    // and the power steps, which are nearly all of the work.
+    let single = Grams::single(b, at);
+    if let Some(found) = single.iterate(b, at, rank, seed, scale)? {
+        let (part, total) = &found;
+        let kept: f64 = part.s[..rank.min(part.s.len())].iter().map(|x| x * x).sum();
+        if total - kept >= SINGLE_MIN_LEFT * total {
+            return Ok(Some(found));
+        }
+    }
+    drop(single);
+    Grams::double(b, at).iterate(b, at, rank, seed, scale)
+}
+
+/// The single-precision result is kept only when the error energy it leaves
+/// is at least this share of the whole: its Gram matrices' rounding (about
+/// `1e-6` of the total, measured) is then far below the convergence test's
+/// `ENERGY_TOL` of the error energy, and the reported error is exact to
+/// about `1e-5` of itself. A delta whose best rank-`rank` error is small
+/// (a fast-decaying spectrum) is iterated again in double precision.
+const SINGLE_MIN_LEFT: f64 = 0.05;
+
+/// The factors' Gram matrices `G_B = B'^T B'` and `G_A = A' A'^T`, in single
+/// or double precision; products with them take and give `f64` blocks.
+enum Grams {
+    Single { gb: Mat<f32>, ga: Mat<f32> },
+    Double { gb: Mat<f64>, ga: Mat<f64> },
+}
+
+impl Grams {
+    fn single(b: MatRef<f64>, at: MatRef<f64>) -> Grams {
+        let narrow = |x: MatRef<f64>| Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] as f32);
+        Grams::Single {
+            gb: gram(narrow(b).as_ref()),
+            ga: gram(narrow(at).as_ref()),
+        }
+    }
+
+    fn double(b: MatRef<f64>, at: MatRef<f64>) -> Grams {
+        Grams::Double {
+            gb: gram(b),
+            ga: gram(at),
+        }
+    }
+
+    /// `||M||_F^2 = <G_B, G_A>`, summed in double precision.
+    fn total(&self) -> f64 {
+        match self {
+            Grams::Single { gb, ga } => frobenius_inner(gb.as_ref(), ga.as_ref()),
+            Grams::Double { gb, ga } => frobenius_inner(gb.as_ref(), ga.as_ref()),
+        }
+    }
+
+    /// `G_A y`.
+    fn ga_times(&self, y: MatRef<f64>) -> Mat<f64> {
+        match self {
+            Grams::Single { ga, .. } => mul_single(ga.as_ref(), y),
+            Grams::Double { ga, .. } => mul(ga.as_ref(), y),
+        }
+    }
+
+    /// `G_B z`.
+    fn gb_times(&self, z: MatRef<f64>) -> Mat<f64> {
+        match self {
+            Grams::Single { gb, .. } => mul_single(gb.as_ref(), z),
+            Grams::Double { gb, .. } => mul(gb.as_ref(), z),
+        }
+    }
+
+    /// Gains below this share of the total are rounding.
+    fn rounding(&self) -> f64 {
+        match self {
+            Grams::Single { .. } => 1e-6,
+            Grams::Double { .. } => 1e-13,
+        }
+    }
+
+    /// Columns of the block whose squared norm after orthogonalization is
+    /// below this share of the largest are numerically dependent and are
+    /// dropped.
+    fn dependent(&self) -> f64 {
+        match self {
+            Grams::Single { .. } => 1e-5,
+            Grams::Double { .. } => 1e-11,
+        }
+    }
+
+    /// The delta's squared norm must be at least this share of
+    /// `||B'||_F^2 ||A'||_F^2`, or the Gram matrices (whose rounding is
+    /// relative to the factors, not to the delta) cannot resolve it; such a
+    /// delta (adapters that cancel) goes to the next precision or the exact
+    /// route.
+    fn resolvable(&self) -> f64 {
+        match self {
+            Grams::Single { .. } => 1e-4,
+            Grams::Double { .. } => 1e-8,
+        }
+    }
+
+    /// The subspace iteration (see the module docs), then [`final_ritz`].
+    fn iterate(
+        &self,
+        b: MatRef<f64>,
+        at: MatRef<f64>,
+        rank: usize,
+        seed: u64,
+        scale: f64,
+    ) -> Result<Option<(ThinSvd, f64)>, String> {
+        let total = self.total();
+        if total.is_nan() || total <= self.resolvable() * scale {
+            return Ok(None);
+        }
+        let k = b.ncols();
+        let mut rng = Rng(seed);
+        let mut y = Mat::from_fn(k, block_size(rank), |_, _| f64::from(rng.symmetric()));
+        let mut energies = Vec::with_capacity(MAX_STEPS);
+        for _ in 0..MAX_STEPS {
+            // Orthonormalize V = A'^T Y through its Gram matrix Y^T G_A Y.
+            let z = self.ga_times(y.as_ref());
+            let (w, d) = psd_eigen(mul(y.as_ref().transpose(), z.as_ref()).as_ref())?;
+            let keep = d
+                .iter()
+                .take_while(|&&x| x > d[0] * self.dependent())
+                .count();
+            if keep == 0 {
+                return Ok(None);
+            }
+            let to_orthonormal = Mat::from_fn(w.nrows(), keep, |i, j| w[(i, j)] / d[j].sqrt());
+            let z_n = mul(z.as_ref(), to_orthonormal.as_ref());
+            // M V = B' Z: its Gram Z^T G_B Z has the squared Ritz values.
+            let h = self.gb_times(z_n.as_ref());
+            let (w2, lambda) = psd_eigen(mul(z_n.as_ref().transpose(), h.as_ref()).as_ref())?;
+            if lambda[0].is_nan() || lambda[0] <= 0.0 {
+                return Ok(None);
+            }
+            energies.push(lambda[..rank.min(keep)].iter().sum::<f64>());
+            // Next block: (M^T M - mu) V in coordinates (M^T M V = A'^T G_B
+            // G_A Y = A'^T H), rotated to the Ritz vectors and scaled by
+            // 1 / (s^2 - mu) so its columns stay of similar size (a
+            // well-conditioned Gram next step). The shift mu, half the
+            // smallest Ritz value, maps the unwanted spectrum
+            // [0, s_(l+1)^2] to about [-mu, mu] and speeds convergence (8
+            // steps instead of 12 on flat spectra) while the wanted values
+            // stay dominant (s^2 - mu > mu).
+            let shift = lambda[keep - 1] / 2.0;
+            let floor = lambda[0] * f64::EPSILON;
+            let y_n = mul(y.as_ref(), to_orthonormal.as_ref());
+            let mut shifted = h;
+            for j in 0..keep {
+                for (dst, &x) in shifted.col_mut(j).iter_mut().zip(y_n.col(j).iter()) {
+                    *dst -= shift * x;
+                }
+            }
+            let rescale = Mat::from_fn(keep, keep, |i, j| {
+                w2[(i, j)] / (lambda[j] - shift).max(floor)
+            });
+            y = mul(shifted.as_ref(), rescale.as_ref());
+            if converged(&energies, total, self.rounding()) {
+                let iterated = *energies.last().unwrap();
+                return final_ritz(b, at, y.as_ref(), rank, total, iterated, self.rounding());
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// `lhs @ rhs` with `lhs` in single precision: `rhs` is rounded to single,
+/// the product taken in single and widened back.
+fn mul_single(lhs: MatRef<f32>, rhs: MatRef<f64>) -> Mat<f64> {
+    let narrow = Mat::from_fn(rhs.nrows(), rhs.ncols(), |i, j| rhs[(i, j)] as f32);
+    let mut out = Mat::<f32>::zeros(lhs.nrows(), rhs.ncols());
+    matmul(out.as_mut(), Accum::Replace, lhs, narrow.as_ref(), 1.0, Par::Seq);
+    Mat::from_fn(out.nrows(), out.ncols(), |i, j| f64::from(out[(i, j)]))
+}
+
+/// The subspace `P = orth(A'^T Y)` (Householder), `M P = B' (A' P)` from the
+/// factors and its thin SVD: the singular values and the energy reported are
+/// those of the output, not of the iteration's Gram matrices. `None` if the
+/// two disagree by more than rounding (a sign of trouble the exact route
+/// does not have).
+fn final_ritz(
+    b: MatRef<f64>,
+    at: MatRef<f64>,
+    y: MatRef<f64>,
+    rank: usize,
+    total: f64,
+    iterated: f64,
+    rounding: f64,
+) -> Result<Option<(ThinSvd, f64)>, String> {
+    let basis = mul(at, y);
+    let cols = basis.ncols();
+    let qr = householder_qr(basis);
+    let p = apply_q(&qr, Mat::<f64>::identity(cols, cols).as_ref());
+    let ap = mul(at.transpose(), p.as_ref());
+    let mp = mul(b, ap.as_ref());
+    let ThinSvd { u, s, v: small_v } = thin_svd(mp.as_ref())?;
+    let kept: f64 = s[..rank.min(s.len())].iter().map(|x| x * x).sum();
+    if kept < iterated * (1.0 - 1e-6) - 10.0 * rounding * total {
+        return Ok(None);
+    }
+    let v = mul(p.as_ref(), small_v.as_ref());
+    Ok(Some((ThinSvd { u, s, v }, total)))
+}
+
+/// Whether the top-`rank` energies of successive steps have settled: the
+/// gain still to come, taken as the geometric series of the last gain with
+/// the larger of the last two contraction ratios, is below [`ENERGY_TOL`] of
+/// the error energy left; or the last gain is at rounding level.
+fn converged(energies: &[f64], total: f64, rounding: f64) -> bool {
+    let t = energies.len();
+    if t < 3 {
+        return false;
+    }
+    let gain = energies[t - 1] - energies[t - 2];
+    if gain <= rounding * total {
+        return true;
+    }
+    let before = energies[t - 2] - energies[t - 3];
+    if before <= 0.0 {
+        return false;
+    }
+    let mut ratio = gain / before;
+    if t >= 4 {
+        let earlier = energies[t - 3] - energies[t - 4];
+        if earlier > 0.0 {
+            ratio = ratio.max(before / earlier);
+        }
+    }
+    if ratio >= 1.0 {
+        return false;
+    }
+    let to_come = gain * ratio / (1.0 - ratio);
+    let left = (total - energies[t - 1]).max(0.0);
+    to_come <= ENERGY_TOL * left
+}
+
+/// Packs a subspace SVD as [`Factored`] through [`truncate`]: the energy
+/// outside the subspace, `total - sum s^2`, enters as one more singular value
+/// (with zero vectors, never kept), so `rel_error` and `energy` are measured
+/// against the whole delta. The spectrum is padded with zeros to `rank` so
+/// the output rank is `rank`, as on the exact routes.
+fn finish(part: ThinSvd, total: f64, rank: usize, noise: f64) -> Factored {
+    let ThinSvd { u, mut s, v } = part;
+    let inside: f64 = s.iter().map(|x| x * x).sum();
+    let cols = s.len().max(rank) + 1;
+    s.resize(cols - 1, 0.0);
+    s.push((total - inside).max(0.0).sqrt());
+    let pad = |x: &Mat<f64>| {
+        Mat::from_fn(
+            x.nrows(),
+            cols,
+            |i, j| {
+                if j < x.ncols() {
+                    x[(i, j)]
+                } else {
+                    0.0
+                }
+            },
+        )
+    };
+    truncate(
+        None,
+        None,
+        ThinSvd {
+            u: pad(&u),
+            s,
+            v: pad(&v),
+        },
+        rank,
+        noise,
+    )
+}
+
+/// `x^T x`, both triangles, computing one.
+fn gram<T: faer::traits::RealField + Copy>(x: MatRef<T>) -> Mat<T> {
+    let k = x.ncols();
+    let mut g = Mat::<T>::zeros(k, k);
+    triangular_matmul(
+        g.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        x.transpose(),
+        BlockStructure::Rectangular,
+        x,
+        BlockStructure::Rectangular,
+        T::one_impl(),
+        Par::Seq,
+    );
+    for j in 1..k {
+        for i in 0..j {
+            g[(i, j)] = g[(j, i)];
+        }
+    }
+    g
+}
+
+/// `sum_ij x_ij y_ij`, in double precision.
+fn frobenius_inner<T: Copy + Into<f64>>(x: MatRef<T>, y: MatRef<T>) -> f64 {
+    (0..x.ncols())
+        .map(|j| {
+            x.col(j)
+                .iter()
+                .zip(y.col(j).iter())
+                .map(|(&a, &b)| a.into() * b.into())
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// Eigenvectors and eigenvalues (non-increasing) of a small symmetric
+/// positive semi-definite matrix, through its SVD (`U S U^T`).
+fn psd_eigen(x: MatRef<f64>) -> Result<(Mat<f64>, Vec<f64>), String> {
+    let ThinSvd { u, s, .. } = thin_svd(x)?;
+    Ok((u, s))
+}
+
+/// A seed from the module: its shape, the rank, and a strided sample of
+/// both factors' bits (a few thousand values; hashing all of them would cost
+/// a visible share of the run).
+fn seed_for(b: MatRef<f64>, at: MatRef<f64>, rank: usize) -> u64 {
+    let mut h = Rng(0x6c6f_7261_2d73_7664); // "lora-svd"
+    let mut mix = |x: u64| {
+        h.0 ^= x;
+        h.next_u64();
+    };
+    mix(b.nrows() as u64);
+    mix(at.nrows() as u64);
+    mix(b.ncols() as u64);
+    mix(rank as u64);
+    for x in [b, at] {
+        let (rows, cols) = x.shape();
+        let len = rows * cols;
+        let stride = (len / 4096).max(1);
+        for idx in (0..len).step_by(stride) {
+            mix(x[(idx % rows, idx / rows)].to_bits());
+        }
+    }
+    h.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{dense, noise_floor, stacked_at, stacked_b, Term};
+    use super::*;
+
+    /// Adapters of rank `r` on `m x n` whose delta has a chosen spectrum
+    /// shape: column `p` of adapter `i`'s `B` is scaled by
+    /// `profile(i * r + p)`. Random directions in these sizes are nearly
+    /// orthogonal, so the delta's singular values follow the profile
+    /// (loosely: the sum also mixes them).
+    struct Case {
+        m: usize,
+        n: usize,
+        r: usize,
+        a: Vec<Vec<f32>>,
+        b: Vec<Vec<f32>>,
+        weights: Vec<f64>,
+    }
+
+    impl Case {
+        fn new(
+            seed: u64,
+            (m, n): (usize, usize),
+            adapters: usize,
+            r: usize,
+            profile: impl Fn(usize) -> f64,
+        ) -> Case {
+            let mut rng = Rng(seed);
+            let mut a = Vec::new();
+            let mut b = Vec::new();
+            for i in 0..adapters {
+                a.push(rng.symmetric_vec(r * n));
+                let mut bi = rng.symmetric_vec(m * r);
+                for row in 0..m {
+                    for p in 0..r {
+                        bi[row * r + p] *= profile(i * r + p) as f32;
+                    }
+                }
+                b.push(bi);
+            }
+            let weights = (0..adapters)
+                .map(|i| {
+                    if i % 3 == 2 {
+                        -0.5
+                    } else {
+                        1.0 / adapters as f64
+                    }
+                })
+                .collect();
+            Case {
+                m,
+                n,
+                r,
+                a,
+                b,
+                weights,
+            }
+        }
+
+        fn terms(&self) -> Vec<Term<'_>> {
+            (0..self.a.len())
+                .map(|i| Term {
+                    weight: self.weights[i],
+                    scale: 2.0,
+                    rank: self.r,
+                    a: &self.a[i],
+                    b: &self.b[i],
+                })
+                .collect()
+        }
+    }
+
+    fn product(f: &Factored, m: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for p in 0..f.rank {
+                let c = f64::from(f.b[i * f.rank + p]);
+                for j in 0..n {
+                    out[i * n + j] += c * f64::from(f.a[p * n + j]);
+                }
+            }
+        }
+        out
+    }
+
+    fn dense_singular_values(d: &[f64], m: usize, n: usize) -> Vec<f64> {
+        let mat = Mat::from_fn(m, n, |i, j| d[i * n + j]);
+        thin_svd(mat.as_ref()).unwrap().s
+    }
+
+    /// Runs the subspace route on `case` and checks it against the dense
+    /// optimum; returns achieved / optimal error.
+    fn check(case: &Case, rank: usize) -> f64 {
+        let (m, n) = (case.m, case.n);
+        let ts = case.terms();
+        let bp = stacked_b(m, &ts);
+        let apt = stacked_at(n, &ts);
+        let noise = noise_floor(bp.as_ref(), apt.as_ref());
+        let f = svd(bp.as_ref(), apt.as_ref(), rank, noise)
+            .unwrap()
+            .expect("the subspace route converges");
+        assert_eq!(f.rank, rank);
+        assert_eq!((f.a.len(), f.b.len()), (rank * n, m * rank));
+        let reference = dense(m, n, &ts);
+        let sv = dense_singular_values(&reference, m, n);
+        let total: f64 = sv.iter().map(|x| x * x).sum();
+        let optimal = (sv[rank..].iter().map(|x| x * x).sum::<f64>() / total).sqrt();
+        let diff: f64 = product(&f, m, n)
+            .iter()
+            .zip(&reference)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum();
+        let achieved = (diff / total).sqrt();
+        let ratio = achieved / optimal;
+        assert!(
+            ratio <= 1.001,
+            "achieved {achieved} vs optimal {optimal} (ratio {ratio})"
+        );
+        // What is reported is what the factors achieve (f32 rounding of the
+        // output aside), and energy + error^2 = 1.
+        assert!(
+            (f.rel_error - achieved).abs() <= 2e-5 * achieved.max(1e-3),
+            "reported {} vs achieved {achieved}",
+            f.rel_error
+        );
+        assert!((f.energy + f.rel_error * f.rel_error - 1.0).abs() < 1e-12);
+        // Deterministic: the same bits again.
+        let again = svd(bp.as_ref(), apt.as_ref(), rank, noise)
+            .unwrap()
+            .unwrap();
+        assert_eq!(again, f);
+        ratio
+    }
+
+    fn flat(_: usize) -> f64 {
+        1.0
+    }
+
+    #[test]
+    fn flat_spectrum_well_above_the_width() {
+        // k = 320 > min(m, n) = 90.
+        let case = Case::new(1, (120, 90), 40, 8, flat);
+        check(&case, 8);
+        check(&case, 16);
+    }
+
+    #[test]
+    fn flat_spectrum_near_the_width() {
+        // k = 88, just below min(m, n) = 90.
+        let case = Case::new(2, (90, 150), 11, 8, flat);
+        check(&case, 8);
+        // k = 96, just above.
+        let case = Case::new(3, (150, 90), 12, 8, flat);
+        check(&case, 12);
+    }
+
+    #[test]
+    fn decaying_spectrum() {
+        let decay = |j: usize| 0.97f64.powi(j as i32);
+        let case = Case::new(4, (100, 130), 30, 8, decay);
+        check(&case, 8);
+        check(&case, 20);
+        let case = Case::new(5, (100, 130), 12, 8, decay);
+        check(&case, 10);
+        // Fast decay: the error left is small.
+        let case = Case::new(6, (100, 80), 20, 4, |j| 0.9f64.powi(j as i32));
+        check(&case, 12);
+    }
+
+    #[test]
+    fn plateau_at_the_cut() {
+        // 24 equal directions then a weaker flat tail: rank 16 cuts inside
+        // the plateau (s_16 = s_17), the hardest case for convergence.
+        let case = Case::new(7, (110, 100), 30, 4, |j| if j < 24 { 3.0 } else { 1.0 });
+        check(&case, 16);
+        // And just after it: a clear gap.
+        check(&case, 24);
+    }
+
+    #[test]
+    fn exactly_low_rank_is_captured() {
+        // Rank 24 in all (the same 3 adapters, 8 times over), asked for 12
+        // of them, with k = 192 > min(m, n).
+        let base = Case::new(8, (100, 90), 3, 8, |j| 0.9f64.powi(j as i32));
+        let mut case = Case::new(8, (100, 90), 24, 8, flat);
+        for i in 0..24 {
+            case.a[i].clone_from(&base.a[i % 3]);
+            case.b[i].clone_from(&base.b[i % 3]);
+            case.weights[i] = 1.0 / 8.0;
+        }
+        check(&case, 12);
+    }
+
+    #[test]
+    fn single_precision_is_kept_only_where_the_error_is_large() {
+        let left = |rank: usize, (part, total): &(ThinSvd, f64)| {
+            let kept: f64 = part.s[..rank].iter().map(|x| x * x).sum();
+            (total - kept) / total
+        };
+        let same = |x: &(ThinSvd, f64), y: &(ThinSvd, f64)| x.0.s == y.0.s && x.1 == y.1;
+        let run = |case: &Case, rank: usize| {
+            let ts = case.terms();
+            let bp = stacked_b(case.m, &ts);
+            let apt = stacked_at(case.n, &ts);
+            let scale = bp.norm_l2().powi(2) * apt.norm_l2().powi(2);
+            let single = Grams::single(bp.as_ref(), apt.as_ref())
+                .iterate(bp.as_ref(), apt.as_ref(), rank, 5, scale)
+                .unwrap();
+            let double = Grams::double(bp.as_ref(), apt.as_ref())
+                .iterate(bp.as_ref(), apt.as_ref(), rank, 5, scale)
+                .unwrap()
+                .unwrap();
+            let chosen = top_singular(bp.as_ref(), apt.as_ref(), rank, 5)
+                .unwrap()
+                .unwrap();
+            (single, double, chosen)
+        };
+        // A flat spectrum: most energy is left out, single precision serves,
+        // and agrees with double on the error to far better than the 0.1%
+        // promised.
+        let (single, double, chosen) = run(&Case::new(12, (150, 130), 40, 8, flat), 8);
+        let single = single.expect("single precision converges on a flat spectrum");
+        let (ls, ld) = (left(8, &single), left(8, &double));
+        assert!(ls > SINGLE_MIN_LEFT && same(&chosen, &single), "left {ls}");
+        assert!((ls / ld - 1.0).abs() < 1e-4, "{ls} vs {ld}");
+        // Fast decay: the error is small, so double precision decides
+        // (whatever single precision found, or failed to).
+        let fast = Case::new(13, (150, 130), 40, 8, |j| 0.8f64.powi(j as i32));
+        let (single, double, chosen) = run(&fast, 12);
+        if let Some(single) = &single {
+            assert!(left(12, single) < SINGLE_MIN_LEFT);
+        }
+        assert!(left(12, &double) < SINGLE_MIN_LEFT && same(&chosen, &double));
+    }
+
+    #[test]
+    fn cancelling_delta_is_left_to_the_exact_route() {
+        // The same adapters at +w and -w: the Gram matrices cannot resolve
+        // a zero delta, so the route declines.
+        let mut case = Case::new(9, (100, 90), 20, 8, flat);
+        for i in 0..10 {
+            case.a[i + 10] = case.a[i].clone();
+            case.b[i + 10] = case.b[i].clone();
+            case.weights[i] = 0.3;
+            case.weights[i + 10] = -0.3;
+        }
+        let ts = case.terms();
+        let bp = stacked_b(case.m, &ts);
+        let apt = stacked_at(case.n, &ts);
+        assert!(top_singular(bp.as_ref(), apt.as_ref(), 8, 1)
+            .unwrap()
+            .is_none());
+        // ... and math::svd still gives the exact (zero) answer.
+        let f = super::super::svd(case.m, case.n, &ts, 8).unwrap();
+        assert!(f.rel_error < 1e-9 && (f.energy - 1.0).abs() < 1e-9, "{f:?}");
+    }
+
+    #[test]
+    fn svd_dispatches_here_for_large_summed_rank() {
+        // k = 400 > min(m, n) = 300: the dense route would be an SVD of
+        // 300 x 300; the cost rule picks the subspace route.
+        let (m, n) = (300, 300);
+        assert!(is_cheaper(m, n, 400, 8));
+        let case = Case::new(10, (m, n), 50, 8, |j| 0.995f64.powi(j as i32));
+        let ts = case.terms();
+        let f = super::super::svd(m, n, &ts, 8).unwrap();
+        let g = super::super::svd(m, n, &ts, 8).unwrap();
+        assert_eq!(f, g);
+        let reference = dense(m, n, &ts);
+        let sv = dense_singular_values(&reference, m, n);
+        let total: f64 = sv.iter().map(|x| x * x).sum();
+        let optimal = (sv[8..].iter().map(|x| x * x).sum::<f64>() / total).sqrt();
+        assert!(f.rel_error <= 1.001 * optimal && f.rel_error >= optimal * (1.0 - 1e-9));
+    }
+
+    #[test]
+    fn cost_rule_keeps_the_exact_routes_for_small_summed_rank() {
+        // The LLM-shaped benchmark: 4 or 16 adapters of rank 16 (k = 64,
+        // 256) keep the QR route, as do all the small shapes of the unit and
+        // integration tests; 64 of them (k = 1024 = the width) take the
+        // subspace route.
+        for k in [64, 256] {
+            assert!(!is_cheaper(1024, 1024, k, 32));
+            assert!(!is_cheaper(2816, 1024, k, 32));
+            assert!(!is_cheaper(10240, 1280, k, 32));
+        }
+        assert!(is_cheaper(1024, 1024, 1024, 32));
+        assert!(is_cheaper(2816, 1024, 1024, 32));
+        assert!(is_cheaper(1280, 10240, 1024, 32));
+        for (m, n, k) in [
+            (40, 30, 9),
+            (6, 20, 9),
+            (10, 40, 10),
+            (64, 64, 32),
+            (100, 100, 64),
+        ] {
+            for rank in [1, 4, 8, 16] {
+                assert!(!is_cheaper(m, n, k, rank), "{m} x {n}, k {k}, rank {rank}");
+            }
+        }
+    }
+
+    /// The exact routes' singular values (QR + core SVD, or dense SVD).
+    fn exact_singular_values(bp: MatRef<f64>, apt: MatRef<f64>) -> Vec<f64> {
+        let k = bp.ncols();
+        if k < bp.nrows().min(apt.nrows()) {
+            let qrb = householder_qr(bp.to_owned());
+            let qra = householder_qr(apt.to_owned());
+            thin_svd(mul(qrb.r.as_ref(), qra.r.as_ref().transpose()).as_ref())
+                .unwrap()
+                .s
+        } else {
+            thin_svd(mul(bp, apt.transpose()).as_ref()).unwrap().s
+        }
+    }
+
+    /// Benchmark shapes (SDXL and Llama-like, random adapters, flat spectra):
+    /// time of this route against the exact one's factorizations, and the
+    /// error against the optimum.
+    /// `cargo test --release --no-default-features --lib subspace_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn subspace_timing() {
+        for (m, n, adapters, r, rank) in [
+            (1280, 1280, 32, 32, 32),
+            (10240, 1280, 32, 32, 32),
+            (1024, 2816, 64, 16, 32),
+            (1024, 1024, 64, 16, 32),
+        ] {
+            let case = Case::new(11, (m, n), adapters, r, flat);
+            let ts = case.terms();
+            let bp = stacked_b(m, &ts);
+            let apt = stacked_at(n, &ts);
+            let noise = noise_floor(bp.as_ref(), apt.as_ref());
+            let start = std::time::Instant::now();
+            let f = svd(bp.as_ref(), apt.as_ref(), rank, noise)
+                .unwrap()
+                .unwrap();
+            let ours = start.elapsed().as_secs_f64();
+            let start = std::time::Instant::now();
+            let sv = exact_singular_values(bp.as_ref(), apt.as_ref());
+            let exact = start.elapsed().as_secs_f64();
+            let total: f64 = sv.iter().map(|x| x * x).sum();
+            let optimal = (sv[rank..].iter().map(|x| x * x).sum::<f64>() / total).sqrt();
+            crate::ui::note(&format!(
+                "{m} x {n}, k = {}, rank {rank}: subspace {ours:.3} s, exact {exact:.3} s; \
+                 error {:.6} vs optimal {optimal:.6} (ratio - 1 = {:.1e})",
+                adapters * r,
+                f.rel_error,
+                f.rel_error / optimal - 1.0
+            ));
+            assert!(f.rel_error <= 1.001 * optimal);
+        }
+    }
+}
