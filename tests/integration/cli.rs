@@ -969,6 +969,28 @@ fn side_files_that_are_pipes_or_devices_are_refused_at_once() {
         "{}",
         stderr(&o)
     );
+
+    // The per-module weights given as a pipe.
+    let alpha = fixture_copy("alpha", &tmp.path().join("alpha-w"));
+    let rules = tmp.path().join("weights.json");
+    mkfifo(&rules);
+    let out = tmp.path().join("out-weights");
+    let o = run_bounded(&[
+        "uniform".as_ref(),
+        "--adapters".as_ref(),
+        alpha.as_os_str(),
+        "--weights-file".as_ref(),
+        rules.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("weights.json: is a FIFO"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
 }
 
 /// A fresh output of the alpha fixture at `out`.
