@@ -758,6 +758,13 @@ pub struct TrainArgs {
     #[arg(long, value_name = "NAME", num_args = 1..)]
     pub target_modules: Vec<String>,
 
+    /// Start from this PEFT adapter's factors instead of a new LoRA, and keep
+    /// training them: its modules, ranks and scales replace --target-modules,
+    /// --rank and --alpha. E.g. the exact merge `fit` wrote, to tune the
+    /// composition further on the same shots.
+    #[arg(long, value_name = "ADAPTER")]
+    pub init: Option<String>,
+
     /// Optimisation steps (Adam).
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub steps: usize,

@@ -1027,6 +1027,105 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
             "layers.0.self_attn.q_proj",
         ],
     );
+
+    // --init starts from an adapter's own factors: with a negligible step
+    // the written adapter is the one given, module for module.
+    let again = f.join("again");
+    let o = run(&[
+        "train",
+        "--base",
+        p(&base),
+        "--data",
+        p(&data),
+        "-o",
+        p(&again),
+        "--init",
+        p(&out),
+        "--steps",
+        "1",
+        "--lr",
+        "1e-12",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["trainable_parameters"], 2 * (4 * 128 + 4 * 96 + 4 * 192));
+    let before = safetensors_values(&out.join("adapter_model.safetensors"));
+    let after = safetensors_values(&again.join("adapter_model.safetensors"));
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &before {
+        let w = &after[k];
+        let worst = v
+            .iter()
+            .zip(w)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-6, "{k}: differs by {worst}");
+    }
+    // ... and its step-0 loss is the loss eval gives that adapter.
+    let step0 = r["loss_curve"][0]["train_loss"].as_f64().unwrap();
+    assert!(
+        (step0 - trained).abs() < 1e-4 * trained,
+        "{step0} vs {trained}"
+    );
+    // An OUT that is the --init adapter is refused before anything is read;
+    // an adapter for another model is refused by name.
+    assert_refused(
+        &[
+            "train",
+            "--base",
+            p(&base),
+            "--data",
+            p(&data),
+            "-o",
+            p(&out),
+            "--init",
+            p(&out),
+            "--force",
+        ],
+        &["--init adapter"],
+    );
+    assert_refused(
+        &[
+            "train",
+            "--base",
+            p(&base),
+            "--data",
+            p(&data),
+            "-o",
+            p(&f.join("t3")),
+            "--init",
+            p(&f.join("bert/adapters/a0")),
+        ],
+        &[
+            "--init",
+            "encoder.layer.0.attention.self.query",
+            "not a linear layer of the base model",
+        ],
+    );
+}
+
+/// Every tensor of a safetensors file as f32 values, by name.
+fn safetensors_values(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, v)
+        })
+        .collect()
 }
 
 /// Weights that overflow the composition give no score: eval says why

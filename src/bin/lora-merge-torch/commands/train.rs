@@ -3,9 +3,10 @@
 //! baseline the paper compares composition with ("LoRA from scratch"), and
 //! how upstream adapters are made.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
-use lora_merge::adapter::{Format, ModuleKind};
+use lora_merge::adapter::{AdapterSet, Format, ModuleKind};
 use lora_merge::checkpoint::ModelDir;
 use lora_merge::cli::{HeadArg, TrainArgs};
 use lora_merge::compose::math::Factored;
@@ -19,14 +20,15 @@ use lora_merge::output::manifest::{
 };
 use lora_merge::output::{peft, writer};
 use lora_merge::rng::Rng;
-use lora_merge::settings::OutputSettings;
+use lora_merge::settings::{self, OutputSettings};
 use lora_merge::tensors::DType;
 use lora_merge::ui::print_json;
 use lora_merge::{Error, Result};
 use serde_json::json;
-use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
-use crate::engine::lora::TrainSpec;
+use crate::engine::from_ref;
+use crate::engine::lora::{canonical, TrainSpec};
 use crate::engine::tokenize::Tok;
 use crate::engine::{catching, device, device_name, tch_err, to_f32, Model};
 use crate::training::heads::{head_files, new_head};
@@ -66,11 +68,19 @@ struct Run {
 /// What `train` ran, for the writer: the manifest's training section, the
 /// card, the PEFT config.
 #[allow(clippy::too_many_arguments)]
+/// What was trained: a new LoRA as the flags say, or `--init`'s modules.
+struct Shape {
+    rank: usize,
+    alpha: f64,
+    targets: Vec<String>,
+    init: &'static str,
+}
+
 fn contents<'a>(
     args: &TrainArgs,
     dir: &ModelDir,
     task: Task,
-    targets: &[String],
+    shape: &Shape,
     modules: &'a [MergedModule],
     run: &Run,
     files: Vec<(String, Vec<u8>)>,
@@ -82,7 +92,7 @@ fn contents<'a>(
     let mut manifest = Manifest::new(
         MethodRecord {
             name: "train",
-            rank: Some(args.rank),
+            rank: Some(shape.rank),
             conv_rank: None,
             rank_target: None,
             output_format: Format::Peft,
@@ -129,16 +139,16 @@ fn contents<'a>(
             indices: None,
         },
         hyper_parameters: TrainHyperParameters {
-            rank: args.rank,
-            alpha: args.alpha,
-            target_modules: targets.to_vec(),
+            rank: shape.rank,
+            alpha: shape.alpha,
+            target_modules: shape.targets.clone(),
             steps: args.steps,
             lr: args.lr,
             head_lr: args.head_lr,
             batch_size: args.batch_size,
             max_length: run.max_len,
             head: (task == Task::Classify).then(|| format!("{:?}", args.head).to_lowercase()),
-            init: "A uniform in +-1/sqrt(in), B zero",
+            init: shape.init,
             optimizer: "adam",
         },
         seed: args.seed,
@@ -158,9 +168,9 @@ fn contents<'a>(
             "A LoRA (rank {}, alpha {}, on {}) trained with lora-merge {} on {} examples \
              (task {}) for {} steps: training loss {first:.4} -> {last:.4}. Written with scale 1 \
              (`lora_alpha` = rank; the trained alpha/r is folded into `lora_B`).",
-            args.rank,
-            args.alpha,
-            code_span(&targets.join(", ")),
+            shape.rank,
+            shape.alpha,
+            code_span(&shape.targets.join(", ")),
             env!("CARGO_PKG_VERSION"),
             run.count,
             task.name(),
@@ -185,7 +195,7 @@ fn contents<'a>(
                 .into(),
             ),
             fan_in_fan_out: false,
-            shared_target_modules: Some(json!(targets)),
+            shared_target_modules: Some(json!(shape.targets)),
         },
         kohya: None,
         card,
@@ -231,6 +241,31 @@ fn report(
     Ok(())
 }
 
+/// `--init`: the adapter's factors by model-side module name, as variables'
+/// starting values. Only linear modules can be trained here.
+fn init_factors(set: &AdapterSet, dev: Device) -> Result<BTreeMap<String, (Tensor, Tensor, f64)>> {
+    let a = &set.adapters[0];
+    let mut out = BTreeMap::new();
+    for m in a.modules.values() {
+        if m.kind != ModuleKind::Linear {
+            return Err(Error::Incompatible(format!(
+                "--init {}: module {:?} is a LoRA on a {:?} layer; only linear layers can be \
+                 trained",
+                a.given, m.name, m.kind
+            )));
+        }
+        out.insert(
+            canonical(&m.name).to_string(),
+            (
+                from_ref(&m.a, Kind::Float, dev)?,
+                from_ref(&m.b, Kind::Float, dev)?,
+                m.scale,
+            ),
+        );
+    }
+    Ok(out)
+}
+
 pub fn run(args: &TrainArgs) -> Result<()> {
     let t0 = Instant::now();
     let out = OutputSettings::from_args(&args.out);
@@ -248,15 +283,25 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if !(args.alpha.is_finite() && args.alpha > 0.0) {
         return Err(Error::Usage("--alpha must be a positive number".into()));
     }
-    out.check(&[
+    let mut given = vec![
         Input::at("base model", &args.base),
         Input::at("data file", &args.data),
-    ])?;
+    ];
+    given.extend(args.init.iter().map(|i| Input::at("--init adapter", i)));
+    out.check(&given)?;
     let (dir, task) = open_base(&args.base, args.task, args.head)?;
-    out.check(&[
+    let init_set = match &args.init {
+        Some(i) => Some(AdapterSet::load(std::slice::from_ref(i))?),
+        None => None,
+    };
+    let mut resolved = vec![
         Input::at("base model", &dir.dir),
         Input::at("data file", &args.data),
-    ])?;
+    ];
+    if let Some(set) = &init_set {
+        resolved.extend(settings::adapter_inputs(set));
+    }
+    out.check(&resolved)?;
     let hidden = dir.arch.hidden_size();
     // Every layer a LoRA can adapt has a side no wider than the hidden size,
     // and a rank above a layer's smaller side adds nothing but memory (each
@@ -286,11 +331,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let dev = device(args.device)?;
     tch::manual_seed(args.seed as i64);
     let vs = nn::VarStore::new(dev);
+    let init = match &init_set {
+        Some(set) => Some(init_factors(set, dev)?),
+        None => None,
+    };
     let spec = TrainSpec {
         root: vs.root(),
         targets: targets.clone(),
         rank: args.rank as i64,
         alpha: args.alpha,
+        init,
     };
     let model = Model::load_training(&dir, spec, Kind::Float, dev)?;
     let params: usize = model
@@ -298,10 +348,29 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .iter()
         .map(|t| t.a.numel() + t.b.numel())
         .sum();
+    let shape = match &init_set {
+        Some(set) => {
+            let mods = &set.adapters[0].modules;
+            let rank = mods.values().map(|m| m.rank).max().unwrap_or(0);
+            let scale = mods.values().next().map_or(1.0, |m| m.scale);
+            Shape {
+                rank,
+                alpha: rank as f64 * scale,
+                targets: mods.keys().cloned().collect(),
+                init: "the factors of --init, trained further",
+            }
+        }
+        None => Shape {
+            rank: args.rank,
+            alpha: args.alpha,
+            targets: targets.clone(),
+            init: "A uniform in +-1/sqrt(in), B zero",
+        },
+    };
     lora_merge::ui::note(&format!(
         "train: LoRA r={} alpha={} on {} layers ({} parameters) of {} on {}, {} examples",
-        args.rank,
-        args.alpha,
+        shape.rank,
+        shape.alpha,
         model.trained.len(),
         params,
         dir.arch.name(),
@@ -396,7 +465,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         args,
         &dir,
         task,
-        &targets,
+        &shape,
         &modules,
         &run,
         files,

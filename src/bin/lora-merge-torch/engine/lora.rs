@@ -73,6 +73,10 @@ pub struct TrainSpec<'a> {
     pub targets: Vec<String>,
     pub rank: i64,
     pub alpha: f64,
+    /// Start from these factors instead (`train --init`): by model-side
+    /// module name, A [r, in], B [out, r] and the scale; the modules are
+    /// exactly these, whatever `targets`, `rank` and `alpha` say.
+    pub init: Option<BTreeMap<String, (Tensor, Tensor, f64)>>,
 }
 
 /// A frozen linear layer, with composed adapters when any adapt it, and a
@@ -268,9 +272,32 @@ impl<'a> LoraBank<'a> {
         fan_out: usize,
         fan_in: usize,
     ) -> Result<Option<Trainable>> {
-        let Some(spec) = &self.train else {
+        let Some(spec) = &mut self.train else {
             return Ok(None);
         };
+        if let Some(init) = &mut spec.init {
+            let Some((a0, b0, scale)) = init.remove(name) else {
+                return Ok(None);
+            };
+            if (b0.size()[0], a0.size()[1]) != (fan_out as i64, fan_in as i64) {
+                return Err(Error::Incompatible(format!(
+                    "--init: module {name} is {} x {} there, but the base model's is \
+                     {fan_out} x {fan_in}",
+                    b0.size()[0],
+                    a0.size()[1]
+                )));
+            }
+            let p = spec.root.sub(name.replace('.', "_"));
+            let a = p.var_copy("lora_A", &a0);
+            let b = p.var_copy("lora_B", &b0);
+            self.trained.push(Trained {
+                name: name.to_string(),
+                a: a.shallow_clone(),
+                b: b.shallow_clone(),
+                scale,
+            });
+            return Ok(Some(Trainable { a, b, scale }));
+        }
         let hit = spec
             .targets
             .iter()
@@ -359,6 +386,14 @@ impl<'a> LoraBank<'a> {
     /// each adapter module name, its group.
     pub fn finish_with(self, any_trained: bool) -> Result<(Vec<String>, ModuleGroups)> {
         if let Some(spec) = &self.train {
+            if let Some((name, _)) = spec.init.as_ref().and_then(|i| i.iter().next()) {
+                let like: Vec<&str> = self.asked.iter().take(4).map(String::as_str).collect();
+                return Err(Error::Incompatible(format!(
+                    "--init: module {name:?} is not a linear layer of the base model (its \
+                     layers are named like {}); is the adapter for another model?",
+                    like.join(", ")
+                )));
+            }
             if !any_trained {
                 let like: Vec<&str> = self.asked.iter().take(6).map(String::as_str).collect();
                 return Err(Error::Usage(format!(
