@@ -320,7 +320,14 @@ impl Grams {
 fn mul_single(lhs: MatRef<f32>, rhs: MatRef<f64>) -> Mat<f64> {
     let narrow = Mat::from_fn(rhs.nrows(), rhs.ncols(), |i, j| rhs[(i, j)] as f32);
     let mut out = Mat::<f32>::zeros(lhs.nrows(), rhs.ncols());
-    matmul(out.as_mut(), Accum::Replace, lhs, narrow.as_ref(), 1.0, Par::Seq);
+    matmul(
+        out.as_mut(),
+        Accum::Replace,
+        lhs,
+        narrow.as_ref(),
+        1.0,
+        Par::Seq,
+    );
     Mat::from_fn(out.nrows(), out.ncols(), |i, j| f64::from(out[(i, j)]))
 }
 
