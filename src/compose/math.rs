@@ -882,7 +882,7 @@ mod tests {
     }
 
     /// `b @ a` in f64 from the f32 factors, `m x n` row-major.
-    fn product(f: &Factored, m: usize, n: usize) -> Vec<f64> {
+    pub(super) fn product(f: &Factored, m: usize, n: usize) -> Vec<f64> {
         let mut out = vec![0.0; m * n];
         for i in 0..m {
             for p in 0..f.rank {

@@ -498,6 +498,7 @@ fn seed_for(b: MatRef<f64>, at: MatRef<f64>, rank: usize) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::product;
     use super::super::{dense, noise_floor, stacked_at, stacked_b, Term};
     use super::*;
 
@@ -566,19 +567,6 @@ mod tests {
                 })
                 .collect()
         }
-    }
-
-    fn product(f: &Factored, m: usize, n: usize) -> Vec<f64> {
-        let mut out = vec![0.0; m * n];
-        for i in 0..m {
-            for p in 0..f.rank {
-                let c = f64::from(f.b[i * f.rank + p]);
-                for j in 0..n {
-                    out[i * n + j] += c * f64::from(f.a[p * n + j]);
-                }
-            }
-        }
-        out
     }
 
     fn dense_singular_values(d: &[f64], m: usize, n: usize) -> Vec<f64> {

@@ -156,6 +156,17 @@ impl Trainer<'_> {
         )
     }
 
+    /// Cross-entropy of the embeddings `emb` of the examples `idx` against
+    /// their labels: through the head, or episodic prototype scores.
+    fn classify_loss(&self, emb: &Tensor, idx: &[usize]) -> Tensor {
+        let y = self.labels_of(idx);
+        let scores = match &self.head {
+            Some(h) => emb.linear(&h.w, Some(&h.b)),
+            None => episodic_scores(emb, &y, self.n_classes()) * PROTO_SCALE,
+        };
+        scores.to_kind(Kind::Float).cross_entropy_for_logits(&y)
+    }
+
     /// Training loss on `idx` (differentiable).
     pub fn train_loss(&self, idx: &[usize], mix: &[Tensor]) -> Tensor {
         match &self.shots {
@@ -164,18 +175,9 @@ impl Trainer<'_> {
                 let (nll, n) = causal_nll(self.model, &batch, mix);
                 nll / n as f64
             }
-            Shots::Classify { .. } => {
-                let emb = self.embed(idx, mix);
-                let y = self.labels_of(idx);
-                let scores = match &self.head {
-                    Some(h) => emb.linear(&h.w, Some(&h.b)),
-                    None => episodic_scores(&emb, &y, self.n_classes()) * PROTO_SCALE,
-                };
-                scores
-                    .to_kind(Kind::Float)
-                    .cross_entropy_for_logits(&y)
-                    .to_kind(Kind::Double)
-            }
+            Shots::Classify { .. } => self
+                .classify_loss(&self.embed(idx, mix), idx)
+                .to_kind(Kind::Double),
         }
     }
 
@@ -195,18 +197,9 @@ impl Trainer<'_> {
                 }
                 total / n as f64
             }
-            Shots::Classify { .. } => {
-                let emb = self.embed_all(idx, mix, batch);
-                let y = self.labels_of(idx);
-                let scores = match &self.head {
-                    Some(h) => emb.linear(&h.w, Some(&h.b)),
-                    None => episodic_scores(&emb, &y, self.n_classes()) * PROTO_SCALE,
-                };
-                scores
-                    .to_kind(Kind::Float)
-                    .cross_entropy_for_logits(&y)
-                    .double_value(&[])
-            }
+            Shots::Classify { .. } => self
+                .classify_loss(&self.embed_all(idx, mix, batch), idx)
+                .double_value(&[]),
         }
     }
 
