@@ -405,6 +405,7 @@ def one_draw(t: Tool, k: int, seed: int, methods=METHODS, ups=None) -> dict:
         out["seconds_to_train"]["lorahub"] = time.time() - t0
         out["lorahub"] = t.accuracy(s, [work / "lorahub"])
         out["lorahub_weights"] = dict(zip([p.name for p in ups], r["weights_mean"]))
+        out["lorahub_evaluations"] = len(r["loss_curve"])
     return out
 
 
@@ -681,6 +682,7 @@ def cmd_check(args) -> None:
         "test_quotes": len(lines[::2]),
         "weights": a["weights"],
         "lorahub_weights": a["lorahub_weights"],
+        "lorahub_evaluations": a["lorahub_evaluations"],
         "failures": failures,
     }
     print(json.dumps(summary, indent=1))
