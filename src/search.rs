@@ -39,7 +39,8 @@ pub struct Evaluation {
 }
 
 /// Every evaluation in order, and the index of the best (lowest value; the
-/// earliest on ties). A non-finite value never counts as best.
+/// earliest on ties). A non-finite value never counts as best, unless no
+/// value is finite (then it is 0).
 #[derive(Debug, Clone)]
 pub struct Trace {
     pub evaluations: Vec<Evaluation>,
@@ -85,7 +86,7 @@ pub fn minimize<E>(p: &Problem, mut f: impl FnMut(&[f64]) -> Result<f64, E>) -> 
     let record = |x: Vec<f64>, value: f64, trace: &mut Trace| {
         let i = trace.evaluations.len();
         let best = &trace.evaluations.get(trace.best);
-        if value.is_finite() && best.is_none_or(|b| !(b.value <= value)) {
+        if value.is_finite() && best.is_none_or(|b| !b.value.is_finite() || value < b.value) {
             trace.best = i;
         }
         trace.evaluations.push(Evaluation { x, value });
@@ -192,7 +193,9 @@ fn gaussian(rng: &mut Rng) -> f64 {
 
 /// Eigenvectors (columns of the first result) and eigenvalues of a small
 /// symmetric matrix, by cyclic Jacobi rotations until the off-diagonal part
-/// is at rounding level.
+/// is at rounding level. (Indexed loops: the rotations read as the
+/// textbook's.)
+#[allow(clippy::needless_range_loop)]
 fn jacobi_eigen(a: &[Vec<f64>]) -> (Vec<Vec<f64>>, Vec<f64>) {
     let n = a.len();
     let mut a: Vec<Vec<f64>> = a.to_vec();

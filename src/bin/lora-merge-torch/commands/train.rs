@@ -65,9 +65,6 @@ struct Run {
     max_len: usize,
 }
 
-/// What `train` ran, for the writer: the manifest's training section, the
-/// card, the PEFT config.
-#[allow(clippy::too_many_arguments)]
 /// What was trained: a new LoRA as the flags say, or `--init`'s modules.
 struct Shape {
     rank: usize,
@@ -76,6 +73,9 @@ struct Shape {
     init: &'static str,
 }
 
+/// What `train` ran, for the writer: the manifest's training section, the
+/// card, the PEFT config.
+#[allow(clippy::too_many_arguments)]
 fn contents<'a>(
     args: &TrainArgs,
     dir: &ModelDir,
