@@ -580,20 +580,24 @@ def table(res: dict) -> str:
             cells = [f"{statistics.mean(d['seconds_to_train'][m] for d in res['draws'] if d['k'] == k):.1f}" for k in ks]
             lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Mean learned weight per upstream adapter (uniform = %.3f):\n" % (1 / len(UPSTREAM)))
-    lines.append("| upstream | " + " | ".join(f"k={k}" for k in ks) + " |")
-    lines.append("|---|" + "---|" * len(ks))
-    for a in UPSTREAM:
-        cells = [f"{statistics.mean(d['weights'][a] for d in res['draws'] if d['k'] == k):.3f}" for k in ks]
-        lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    if "lorahub" in present:
-        lines.append("")
-        lines.append("Mean LoraHub weight per upstream adapter (unconstrained, in [-1.5, 1.5]; the search starts at %.3f):\n" % (1 / len(UPSTREAM)))
+    def weight_table(key: str, title: str) -> None:
+        """Mean weight per upstream adapter and k, from the draws' `key`."""
+        lines.append(title + "\n")
         lines.append("| upstream | " + " | ".join(f"k={k}" for k in ks) + " |")
         lines.append("|---|" + "---|" * len(ks))
         for a in UPSTREAM:
-            cells = [f"{statistics.mean(d['lorahub_weights'][a] for d in res['draws'] if d['k'] == k):.3f}" for k in ks]
+            cells = [f"{statistics.mean(d[key][a] for d in res['draws'] if d['k'] == k):.3f}" for k in ks]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
+
+    uniform_w = 1 / len(UPSTREAM)
+    weight_table("weights", "Mean learned weight per upstream adapter (uniform = %.3f):" % uniform_w)
+    if "lorahub" in present:
+        lines.append("")
+        weight_table(
+            "lorahub_weights",
+            "Mean LoraHub weight per upstream adapter (unconstrained, in [-1.5, 1.5]; "
+            "the search starts at %.3f):" % uniform_w,
+        )
     if res.get("single"):
         lines.append("")
         sw = len({d["seed"] for d in res["single"]})

@@ -935,6 +935,7 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
     let base = f.join("llama");
     let data = f.join("causal.jsonl");
     let out = f.join("trained");
+    let train = |to: &Path, extra: &[&str]| train_args(&base, &data, to, extra);
     let o = run(&[
         "train",
         "--base",
@@ -1011,17 +1012,7 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
 
     // A target that matches nothing is refused, naming the model's layers.
     assert_refused(
-        &[
-            "train",
-            "--base",
-            p(&base),
-            "--data",
-            p(&data),
-            "-o",
-            p(&f.join("t2")),
-            "--target-modules",
-            "query",
-        ],
+        &argv(&train(&f.join("t2"), &["--target-modules", "query"])),
         &[
             "--target-modules query matches no linear layer",
             "layers.0.self_attn.q_proj",
@@ -1031,24 +1022,12 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
     // --init starts from an adapter's own factors: with a negligible step
     // the written adapter is the one given, module for module.
     let again = f.join("again");
-    let o = run(&[
-        "train",
-        "--base",
-        p(&base),
-        "--data",
-        p(&data),
-        "-o",
-        p(&again),
-        "--init",
-        p(&out),
-        "--steps",
-        "1",
-        "--lr",
-        "1e-12",
-        "--device",
-        "cpu",
-        "--json",
-    ]);
+    let mut a = train(
+        &again,
+        &["--steps", "1", "--lr", "1e-12", "--device", "cpu", "--json"],
+    );
+    a.extend(["--init".to_string(), p(&out).to_string()]);
+    let o = run(&argv(&a));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["trainable_parameters"], 2 * (4 * 128 + 4 * 96 + 4 * 192));
@@ -1075,39 +1054,34 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
     );
     // An OUT that is the --init adapter is refused before anything is read;
     // an adapter for another model is refused by name.
+    let mut a = train(&out, &["--force", "--init"]);
+    a.push(p(&out).to_string());
+    assert_refused(&argv(&a), &["--init adapter"]);
+    let mut a = train(&f.join("t3"), &["--init"]);
+    a.push(p(&f.join("bert/adapters/a0")).to_string());
     assert_refused(
-        &[
-            "train",
-            "--base",
-            p(&base),
-            "--data",
-            p(&data),
-            "-o",
-            p(&out),
-            "--init",
-            p(&out),
-            "--force",
-        ],
-        &["--init adapter"],
-    );
-    assert_refused(
-        &[
-            "train",
-            "--base",
-            p(&base),
-            "--data",
-            p(&data),
-            "-o",
-            p(&f.join("t3")),
-            "--init",
-            p(&f.join("bert/adapters/a0")),
-        ],
+        &argv(&a),
         &[
             "--init",
             "encoder.layer.0.attention.self.query",
             "not a linear layer of the base model",
         ],
     );
+}
+
+/// `train` on `data` over `base` into `to`, with more flags.
+fn train_args(base: &Path, data: &Path, to: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["train", "--base", p(base), "--data", p(data), "-o", p(to)]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    v.extend(extra.iter().map(|x| x.to_string()));
+    v
+}
+
+/// Owned arguments as `run` takes them.
+fn argv(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 /// Every tensor of a safetensors file as f32 values, by name.

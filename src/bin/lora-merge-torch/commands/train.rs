@@ -390,7 +390,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             opt,
         };
         if args.head == HeadArg::Linear {
-            // B = 0: the model is the base model here.
+            // The head starts from the model as it is now: the base model
+            // (B = 0), or with --init the adapter given.
             lora.trainer.head = Some(new_head(
                 &lora.trainer,
                 &all,
