@@ -142,6 +142,9 @@ fn assert_refused(args: &[&str], needles: &[&str]) {
     for n in needles {
         assert!(line.contains(n), "{args:?}: {line:?} lacks {n:?}");
     }
+    // A message is one clean line: no run of blanks left by a broken
+    // string continuation.
+    assert!(!line.contains("   "), "{args:?}: {line:?}");
     assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
 }
 

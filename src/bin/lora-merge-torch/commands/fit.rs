@@ -153,7 +153,8 @@ fn check_flags(args: &FitArgs) -> Result<()> {
         OptimizerArg::Adam => {
             if args.budget.is_some() {
                 return Err(Error::Usage(
-                    "--budget counts the evaluations of --optimizer gradient-free; Adam runs                      --steps steps"
+                    "--budget counts the evaluations of --optimizer gradient-free; Adam runs \
+                     --steps steps"
                         .into(),
                 ));
             }
@@ -161,7 +162,8 @@ fn check_flags(args: &FitArgs) -> Result<()> {
         OptimizerArg::GradientFree => {
             if let Some(g @ (GranularityArg::Module | GranularityArg::Layer)) = args.granularity {
                 return Err(Error::Usage(format!(
-                    "--granularity {}: --optimizer gradient-free learns one weight per adapter                      for the whole model (as LoraHub); use --optimizer adam for per-{} weights",
+                    "--granularity {}: --optimizer gradient-free learns one weight per adapter \
+                     for the whole model (as LoraHub); use --optimizer adam for per-{} weights",
                     format!("{g:?}").to_lowercase(),
                     format!("{g:?}").to_lowercase()
                 )));
