@@ -113,10 +113,12 @@ lora-merge eval --base ./all-MiniLM-L6-v2 --adapter ./topics --task classify --s
     /// Adam minimises the training loss (causal-lm: completion-token NLL as in
     /// `eval`; classify: cross-entropy over cosine similarities to class
     /// prototypes, or a linear head) while part of the shots is held out to
-    /// choose the best step. The learned weights are then merged exactly as
-    /// `uniform` does, into OUT with the manifest (losses, weights, seed,
-    /// shots hash), the model card and a heatmap of the weights, and
-    /// OUT/weights.json for `uniform --weights-file`.
+    /// choose the best step. With the prototype head and no class holding two
+    /// training shots the loss has no positive pair, so the uniform merge is
+    /// kept untrained (and the manifest says why). The learned weights are
+    /// then merged exactly as `uniform` does, into OUT with the manifest
+    /// (losses, weights, seed, shots hash), the model card and a heatmap of
+    /// the weights, and OUT/weights.json for `uniform --weights-file`.
     ///
     /// `--optimizer gradient-free` is LoraHub's recipe instead: one free
     /// weight per adapter in [-1.5, 1.5], found by a CMA-ES search of

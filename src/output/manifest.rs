@@ -257,6 +257,9 @@ pub struct FitRecord {
     pub base_model: BaseModelRecord,
     pub loss_curve: Vec<LossPoint>,
     pub best_step: usize,
+    /// Why no step was taken and the uniform merge was kept, when so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub untrained: Option<&'static str>,
     pub validation: Validation,
     pub groups: Vec<GroupWeights>,
     pub train_seconds: f64,

@@ -767,6 +767,108 @@ fn fit_classify_with_both_heads_and_a_dry_run() {
     );
 }
 
+/// With one shot per class the prototype loss has no positive pair: an
+/// example's own class prototype is the example itself, so training only
+/// pushes the shots apart. `fit` then keeps the uniform merge, says why on
+/// stderr, in the JSON report and in the manifest, for both optimizers; a
+/// second shot of one class, or the linear head, makes it train again.
+#[test]
+fn fit_keeps_the_uniform_merge_when_no_class_has_two_shots() {
+    let f = fixtures();
+    let base = f.join("bert");
+    let a = fixture_adapters(&base);
+    let lines: Vec<String> = std::fs::read_to_string(f.join("classify_support.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let label = |l: &str| -> String {
+        let v: Value = serde_json::from_str(l).unwrap();
+        v["label"].as_str().unwrap().to_string()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let one_each: Vec<&String> = lines.iter().filter(|l| seen.insert(label(l))).collect();
+    assert_eq!(one_each.len(), 3, "three classes in the support set");
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("one-each.jsonl");
+    std::fs::write(
+        &single,
+        one_each
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    // One more shot of the first class: a positive pair.
+    let second = lines
+        .iter()
+        .find(|l| label(l) == label(one_each[0]) && *l != one_each[0])
+        .unwrap();
+    let paired = dir.path().join("paired.jsonl");
+    std::fs::write(
+        &paired,
+        std::fs::read_to_string(&single).unwrap() + second + "\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let uniform = 1.0 / a.len() as f64;
+    for extra in [&[][..], &["--optimizer", "gradient-free"][..]] {
+        let mut args = vec!["--steps", "5", "--force", "--json"];
+        if !extra.is_empty() {
+            args = vec!["--force", "--json"];
+            args.extend(extra);
+        }
+        let o = fit(&base, &a, &single, &out, &args);
+        assert!(
+            o.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let why = r["untrained"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("no class has two training shots"),
+            "{extra:?}: {r}"
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("no positive pair"),
+            "{extra:?}: the reason is not on stderr"
+        );
+        assert_eq!(
+            r["loss_curve"].as_array().unwrap().len(),
+            1,
+            "{extra:?}: {r}"
+        );
+        for w in r["weights_mean"].as_array().unwrap() {
+            assert!(
+                (w.as_f64().unwrap() - uniform).abs() < 1e-12,
+                "{extra:?}: {r}"
+            );
+        }
+        let m = read_json(&out.join("merge_manifest.json"));
+        assert_eq!(m["fit"]["untrained"], r["untrained"], "{extra:?}");
+        assert_eq!(m["fit"]["best_step"], 0, "{extra:?}");
+    }
+    let trains = |shots: &Path, extra: &[&str]| {
+        let mut args = vec!["--steps", "5", "--force", "--json"];
+        args.extend(extra);
+        let o = fit(&base, &a, shots, &out, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(r["untrained"].is_null(), "{extra:?}: {r}");
+        assert_eq!(
+            r["loss_curve"].as_array().unwrap().len(),
+            6,
+            "{extra:?}: {r}"
+        );
+        assert!(read_json(&out.join("merge_manifest.json"))["fit"]
+            .get("untrained")
+            .is_none());
+    };
+    trains(&paired, &[]);
+    trains(&single, &["--head", "linear"]);
+}
+
 /// A task with a known answer (fixtures/make_fit_fixtures.py): three
 /// adapters trained on the tiny Llama for different tasks, shots from one of
 /// them. `fit` must find it, beat the uniform merge and the base model on

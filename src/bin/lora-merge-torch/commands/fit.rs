@@ -325,6 +325,8 @@ fn print_plan(args: &FitArgs, inp: &Inputs, sp: &Split) -> Result<()> {
 
 /// What training found.
 struct Learned {
+    /// Why the start (the uniform merge) was kept without training, when it was.
+    untrained: Option<&'static str>,
     curve: Vec<LossPoint>,
     best_step: usize,
     /// Held-out loss and accuracy of the base model alone.
@@ -338,6 +340,18 @@ struct Learned {
     labels: Vec<String>,
     device: String,
     seconds: f64,
+}
+
+/// Why a classification fit with the prototype head keeps the uniform merge
+/// when no class has two training shots.
+const NO_POSITIVE_PAIR: &str = "no class has two training shots, so the prototype loss has no \
+     positive pair (a shot's own class prototype is the shot itself) and cannot tell \
+     compositions apart; the uniform merge is kept untrained. Two shots of a class are enough \
+     to learn from (--head linear learns from one)";
+
+/// The rule's verdict for this run: Some(reason) when training is skipped.
+fn untrained(args: &FitArgs, shots: &Shots, train: &[usize]) -> Option<&'static str> {
+    (args.head == HeadArg::Prototype && !shots.has_positive_pair(train)).then_some(NO_POSITIVE_PAIR)
 }
 
 /// Load the model with the adapters composed in, and learn the weights.
@@ -360,6 +374,10 @@ fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learn
         val.len()
     ));
     let labels = sp.shots.labels();
+    let untrained = untrained(args, &sp.shots, train);
+    if let Some(why) = untrained {
+        lora_merge::ui::note(&format!("note: {why}"));
+    }
     let t = Instant::now();
     let (outcome, base_val, group_weights, head) = catching(|| {
         let vs = nn::VarStore::new(dev);
@@ -388,7 +406,7 @@ fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learn
             c.trainer.head = Some(head);
         }
         let plan = Plan {
-            steps: args.steps,
+            steps: if untrained.is_some() { 0 } else { args.steps },
             batch_size: args.batch_size,
             train,
             lr: ("--lr", args.lr),
@@ -428,6 +446,7 @@ fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learn
         },
     };
     Ok(Learned {
+        untrained,
         curve: outcome.curve,
         best_step: outcome.best_step,
         base_val,
@@ -452,7 +471,11 @@ fn learn_gradient_free(args: &FitArgs, inp: &Inputs, sp: Split) -> Result<Learne
     tch::manual_seed(args.seed as i64);
     let model = Model::load(&inp.dir, Some(&inp.set), Grouping::Global, Kind::Float, dev)?;
     let (train, val) = (&sp.train, &sp.val);
-    let budget = budget(args);
+    let untrained = untrained(args, &sp.shots, train);
+    if let Some(why) = untrained {
+        lora_merge::ui::note(&format!("note: {why}"));
+    }
+    let budget = if untrained.is_some() { 1 } else { budget(args) };
     lora_merge::ui::note(&format!(
         "fit: {n} adapters, one weight each, gradient-free search of {budget} evaluations on {} \
          ({} train / {} held-out shots)",
@@ -523,6 +546,7 @@ fn learn_gradient_free(args: &FitArgs, inp: &Inputs, sp: Split) -> Result<Learne
         .collect();
     let w = trace.evaluations[trace.best].x.clone();
     Ok(Learned {
+        untrained,
         curve,
         best_step: trace.best,
         base_val,
@@ -571,8 +595,12 @@ fn card_section(
 ) -> String {
     let (count, n_train, n_val) = sp_counts;
     let grouping = granularity(args);
+    let untrained = l
+        .untrained
+        .map(|why| format!("Not trained: {why}.\n\n"))
+        .unwrap_or_default();
     format!(
-        "## Learned composition\n\n\
+        "## Learned composition\n\n{untrained}\
          Weights learned by `lora-merge fit` on {count} shots ({n_train} for training, {n_val} \
          held out; task {}) by {}, {} weight groups ({} granularity). Held-out loss: \
          base model {}, uniform merge {}, learned {} (point {}).\n\n\
@@ -665,6 +693,7 @@ fn fit_record(
         },
         loss_curve: l.curve.clone(),
         best_step: l.best_step,
+        untrained: l.untrained,
         validation: validation(l),
         groups: l
             .group_names
@@ -702,6 +731,7 @@ fn report(
             "steps": args.steps,
             "budget": (args.optimizer == OptimizerArg::GradientFree).then(|| budget(args)),
             "best_step": l.best_step,
+            "untrained": l.untrained,
             "loss_curve": l.curve,
             "validation": {"base": v.base, "uniform": v.uniform, "learned": v.learned},
             "weights_mean": l.weights.global,

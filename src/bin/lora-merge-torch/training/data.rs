@@ -85,6 +85,21 @@ impl Shots {
         }
     }
 
+    /// Whether the episodic prototype loss on the examples `idx` can rank
+    /// compositions: some class has two of them. With one example per class
+    /// an example's own class prototype is the example itself, so the loss
+    /// only pushes the examples apart and says nothing about the task.
+    /// Causal-lm examples always can.
+    pub fn has_positive_pair(&self, idx: &[usize]) -> bool {
+        match self {
+            Shots::Causal(_) => true,
+            Shots::Classify { y, .. } => {
+                let mut seen = std::collections::BTreeSet::new();
+                idx.iter().any(|&i| !seen.insert(y[i]))
+            }
+        }
+    }
+
     /// The longest example in tokens.
     pub fn longest(&self) -> usize {
         match self {
