@@ -762,9 +762,9 @@ pub struct TrainArgs {
 
     /// Start from this PEFT adapter's factors instead of a new LoRA, and keep
     /// training them: its modules, ranks and scales replace --target-modules,
-    /// --rank and --alpha. E.g. the exact merge `fit` wrote, to tune the
-    /// composition further on the same shots.
-    #[arg(long, value_name = "ADAPTER")]
+    /// --rank and --alpha (which cannot be given with it). E.g. the exact
+    /// merge `fit` wrote, to tune the composition further on the same shots.
+    #[arg(long, value_name = "ADAPTER", conflicts_with_all = ["rank", "alpha", "target_modules"])]
     pub init: Option<String>,
 
     /// Optimisation steps (Adam).

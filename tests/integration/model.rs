@@ -1172,6 +1172,24 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
             "not a linear layer of the base model",
         ],
     );
+    // The adapter's own shape replaces --rank, --alpha and --target-modules:
+    // giving one of them too is a usage error, not silently ignored.
+    for flag in [
+        &["--rank", "4"][..],
+        &["--alpha", "8"],
+        &["--target-modules", "q_proj"],
+    ] {
+        let mut a = train(&f.join("t4"), flag);
+        a.extend(["--init".to_string(), p(&out).to_string()]);
+        let o = run(&argv(&a));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{flag:?}: {err}");
+        assert!(
+            err.contains("--init") && err.contains(flag[0]),
+            "{flag:?}: {err}"
+        );
+        assert!(!f.join("t4").exists());
+    }
 }
 
 /// `train` on `data` over `base` into `to`, with more flags.
