@@ -15,7 +15,14 @@ at a size that runs on two CPU cores:
                 fortunes-cpsl     quotes: computers, politics, science, law
                 fortunes-awpk     quotes: art, work, people, kids
                 fortunes-swmt     quotes: songs-poems, wisdom, men-women, startrek
-              (quotes from Debian's `fortunes` package)
+              (quotes from Debian's `fortunes` package); five more, for the
+              curve over the number of upstream adapters only:
+                fortunes-dcpz     definitions, cookie, platitudes, zippy
+                fortunes-lkmp     linux, knghtbrd, miscellaneous, perl
+                fortunes-hde      humorists, disclaimer, ethnic
+                fortunes-pwsa     politics, wisdom, science, art
+                fortunes-cpwk     computers, people, work, kids
+              (the last two regroup classes of the first three quote tasks)
   downstream  quotes: food, love, medicine, sports, education, drugs; classes
               no upstream adapter saw. A fixed test set (60% of each class, at
               most 100), shots drawn from the rest.
@@ -26,7 +33,9 @@ mean L2-normalised embedding of that class's shots), in its own model:
   LoRA             a new LoRA trained on the shots (`lora-merge train`)
   uniform          the upstream adapters averaged (no training)
   learned          composition weights learned on the shots (`lora-merge fit`)
-Both trained methods use the same episodic prototype loss, 40 full-batch Adam
+  default          the same, with `fit`'s default settings (held-out step choice)
+  lorahub          LoraHub's gradient-free search (`fit --optimizer gradient-free`)
+LoRA and learned use the same episodic prototype loss, 40 full-batch Adam
 steps, inputs cut at 64 tokens; the seed draws the shots and seeds training.
 
 Subcommands (run from the repository root, after ./setup.sh and
@@ -77,6 +86,18 @@ UPSTREAM = {
     "fortunes-awpk": ["art", "work", "people", "kids"],
     "fortunes-swmt": ["songs-poems", "wisdom", "men-women", "startrek"],
 }
+# Upstream tasks beyond the five of the main table, for the curve over the
+# number of upstream adapters (`n_sweep`, which takes prefixes of
+# UPSTREAM + MORE_UPSTREAM). Their data are drawn with a random generator of
+# their own, so adding them changed no other data set.
+MORE_UPSTREAM = {
+    "fortunes-dcpz": ["definitions", "cookie", "platitudes", "zippy"],
+    "fortunes-lkmp": ["linux", "knghtbrd", "miscellaneous", "perl"],
+    "fortunes-hde": ["humorists", "disclaimer", "ethnic"],
+    "fortunes-pwsa": ["politics", "wisdom", "science", "art"],
+    "fortunes-cpwk": ["computers", "people", "work", "kids"],
+}
+ALL_UPSTREAM = list(UPSTREAM) + list(MORE_UPSTREAM)
 DOWNSTREAM = ["food", "love", "medicine", "sports", "education", "drugs"]
 UPSTREAM_SIZE = 400
 TEST_FRACTION, TEST_CAP = 0.6, 100
@@ -220,6 +241,14 @@ def cmd_data(_args) -> None:
         pool[c] = qs[n_test:]
     write_jsonl(DATA / "downstream" / "test.jsonl", test)
     (DATA / "downstream" / "pool.json").write_text(json.dumps(pool, indent=1) + "\n")
+    for name, cats in MORE_UPSTREAM.items():
+        quotes = {c: set(read_fortunes(c)) - seen_down for c in cats}
+        # A quote filed under two of the task's classes has no one label.
+        twice = {q for c in cats for q in quotes[c] if sum(q in quotes[d] for d in cats) > 1}
+        by_class = {c: sorted(quotes[c] - twice) for c in cats}
+        rows = balanced(by_class, UPSTREAM_SIZE, random.Random(f"upstream-{name}"))
+        write_jsonl(DATA / "upstream" / f"{name}.jsonl", rows)
+        log(f"upstream {name}: {len(rows)} examples, classes {sorted(by_class)}")
     log(
         f"downstream: {len(test)} test quotes, shot pool "
         + ", ".join(f"{c} {len(v)}" for c, v in pool.items())
@@ -259,6 +288,12 @@ class Tool:
         self.test = DATA / "downstream" / "test.jsonl"
         if not binary.is_file():
             sys.exit(f"fewshot: {binary} not found; run `cargo build` first")
+        # What ran: both binaries (lora-merge starts lora-merge-torch beside it).
+        h = hashlib.sha256()
+        for b in (binary, binary.with_name("lora-merge-torch")):
+            if b.is_file():
+                h.update(b.read_bytes())
+        self.digest = h.hexdigest()[:16]
 
     def run(self, *args: str) -> dict:
         cmd = [str(self.binary), *args, "--json"]
@@ -295,6 +330,14 @@ class Tool:
             "--seed", str(seed),
         )  # fmt: skip
 
+    def fit_default(self, adapters: list[Path], data: Path, out: Path, seed: int) -> dict:
+        """`fit` as a user runs it: the inputs, the task and the seed, every
+        other setting at its default."""
+        return self.run(
+            "fit", *self.common(), "--adapters", *map(str, adapters), "--shots", str(data),
+            "-o", str(out), "--force", "--task", "classify", "--seed", str(seed),
+        )  # fmt: skip
+
     def lorahub(self, adapters: list[Path], data: Path, out: Path, seed: int, batch: int) -> dict:
         """LoraHub's gradient-free search (`fit --optimizer gradient-free`),
         its default budget of 40 evaluations, on every shot (LoraHub holds
@@ -327,7 +370,8 @@ def tool(args) -> Tool:
 
 
 def upstream_adapters(n: int | None = None) -> list[Path]:
-    names = list(UPSTREAM)[: n or len(UPSTREAM)]
+    """The first n of UPSTREAM + MORE_UPSTREAM (default: the five of UPSTREAM)."""
+    names = ALL_UPSTREAM[: n or len(UPSTREAM)]
     dirs = [UPSTREAM_DIR / name for name in names]
     missing = [d for d in dirs if not (d / "adapter_model.safetensors").is_file()]
     if missing:
@@ -338,8 +382,13 @@ def upstream_adapters(n: int | None = None) -> list[Path]:
 def cmd_upstream(args) -> None:
     t = tool(args)
     need_data()
-    for name in UPSTREAM:
+    unknown = sorted(set(args.names or []) - set(ALL_UPSTREAM))
+    if unknown:
+        sys.exit(f"fewshot: unknown upstream task(s) {unknown}; known: {ALL_UPSTREAM}")
+    for name in args.names or ALL_UPSTREAM:
         data = DATA / "upstream" / f"{name}.jsonl"
+        if not data.is_file():
+            cmd_data(None)
         t0 = time.time()
         # 3 epochs of batches of 16.
         steps = 3 * UPSTREAM_SIZE // 16
@@ -351,7 +400,7 @@ def cmd_upstream(args) -> None:
         )
         # The card and manifest name this machine's paths for the data and
         # model; keep the shipped adapters to the files PEFT reads.
-        for extra in ("README.md", "merge_manifest.json"):
+        for extra in ("README.md", "merge_manifest.json", "merge_manifest.sha256"):
             (UPSTREAM_DIR / name / extra).unlink(missing_ok=True)
         # Name the base model by its Hub id, as a shared adapter would.
         cfg_path = UPSTREAM_DIR / name / "adapter_config.json"
@@ -374,7 +423,7 @@ def need_data():
 # ---------------------------------------------------------------- experiments
 
 
-METHODS = ("base", "lora", "uniform", "learned", "lorahub")
+METHODS = ("base", "lora", "uniform", "learned", "lorahub", "default")
 
 
 def one_draw(t: Tool, k: int, seed: int, methods=METHODS, ups=None) -> dict:
@@ -399,6 +448,12 @@ def one_draw(t: Tool, k: int, seed: int, methods=METHODS, ups=None) -> dict:
         out["learned"] = t.accuracy(s, [work / "learned"])
         out["weights"] = dict(zip([p.name for p in ups], r["weights_mean"]))
         out["learned_dir"] = str(work / "learned")
+    if "default" in methods:
+        t0 = time.time()
+        r = t.fit_default(ups, s, work / "default", seed=seed)
+        out["seconds_to_train"]["default"] = time.time() - t0
+        out["default"] = t.accuracy(s, [work / "default"])
+        out["default_weights"] = dict(zip([p.name for p in ups], r["weights_mean"]))
     if "lorahub" in methods:
         t0 = time.time()
         r = t.lorahub(ups, s, work / "lorahub", seed=seed, batch=n)
@@ -454,6 +509,8 @@ def cmd_run(args) -> None:
     if not isinstance(old_secs, dict):  # results.json of a run before sections were timed apart
         old_secs = {"draws, n_sweep, full": old_secs}
     results["seconds"] = {k: v for k, v in old_secs.items() if k not in sections}
+    results["old_n_sweep"] = old.get("n_sweep", [])
+    results["old_draws"] = old.get("draws", [])
     for section in SECTIONS:
         if section not in sections:
             results[section] = old.get(section, [] if section != "full" else {})
@@ -464,6 +521,8 @@ def cmd_run(args) -> None:
         results[section] = [] if section != "full" else {}
         {"draws": run_draws, "single": run_single, "scale": run_scale, "n_sweep": run_sweep, "full": run_full}[section](t, args, results)
         results["seconds"][section] = time.time() - t0
+    results.pop("old_n_sweep")
+    results.pop("old_draws")
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     md = table(results)
@@ -472,21 +531,34 @@ def cmd_run(args) -> None:
 
 
 def run_draws(t: Tool, args, results: dict) -> None:
-    """Every method, k shots per class, several seeds."""
+    """Every method (or those of --methods, keeping the others' figures from
+    the earlier results.json), k shots per class, several seeds."""
+    methods = tuple(args.methods or METHODS)
+    old = {(d["k"], d["seed"]): d for d in results.get("old_draws", [])}
     for k in args.shots:
         for seed in range(args.seeds):
             t0 = time.time()
-            r = one_draw(t, k, seed)
+            r = one_draw(t, k, seed, methods=methods)
             r["seconds"] = time.time() - t0
+            r["binary"] = {m: t.digest for m in methods}
+            if args.methods:
+                if (k, seed) not in old:
+                    sys.exit(f"fewshot: --methods: no earlier draw k={k} seed={seed} to add to")
+                merged = dict(old[(k, seed)])
+                merged.setdefault("binary", {})
+                for key in ("seconds_to_train", "binary"):
+                    merged[key] = {**merged.get(key, {}), **r.pop(key)}
+                merged.update({key: v for key, v in r.items() if key != "seconds"})
+                r = merged
             results["draws"].append(r)
             save_partial(results)
-            log(f"k={k} seed={seed}: " + " ".join(f"{m} {100 * r[m]:.1f}" for m in METHODS) + f" ({r['seconds']:.0f} s)")
+            log(f"k={k} seed={seed}: " + " ".join(f"{m} {100 * r[m]:.1f}" for m in METHODS if m in r))
 
 
 def run_single(t: Tool, args, results: dict) -> None:
     """Each upstream adapter alone (no training), k=5: which upstream task is
     closest to the downstream one, to compare with the learned weights."""
-    for name, up in zip(UPSTREAM, upstream_adapters()):
+    for name, up in zip(ALL_UPSTREAM, upstream_adapters(len(ALL_UPSTREAM))):
         for seed in range(args.sweep_seeds):
             acc = t.accuracy(shots(5, seed), [up])
             results["single"].append({"adapter": name, "seed": seed, "accuracy": acc})
@@ -508,11 +580,24 @@ def run_scale(t: Tool, args, results: dict) -> None:
 
 
 def run_sweep(t: Tool, args, results: dict) -> None:
-    """Accuracy against the number of upstream adapters (prefixes of the list), k=5."""
-    for n in range(1, len(UPSTREAM) + 1):
+    """Accuracy against the number of upstream adapters (prefixes of
+    UPSTREAM + MORE_UPSTREAM), k=5. A point an earlier run measured with the
+    same first n adapters and the same binary is kept, not rerun."""
+    old = results.get("old_n_sweep", [])
+    for n in range(1, len(ALL_UPSTREAM) + 1):
         for seed in range(args.sweep_seeds):
+            same = [
+                d for d in old
+                if d["n"] == n and d["seed"] == seed and d.get("upstream") == ALL_UPSTREAM[:n]
+                and d.get("binary") == t.digest
+            ]  # fmt: skip
+            if same:
+                results["n_sweep"].append(same[0])
+                continue
             r = one_draw(t, 5, seed, methods=("uniform", "learned"), ups=upstream_adapters(n))
             r["n"] = n
+            r["upstream"] = ALL_UPSTREAM[:n]
+            r["binary"] = t.digest
             results["n_sweep"].append(r)
             save_partial(results)
             log(f"n={n} seed={seed}: uniform {100 * r['uniform']:.1f} learned {100 * r['learned']:.1f}")
@@ -551,7 +636,8 @@ def table(res: dict) -> str:
     lines.append("|---|" + "---|" * len(ks))
     names = {
         "base": "head only (frozen model)", "lora": "LoRA from the shots", "uniform": "uniform composition",
-        "learned": "learned composition", "lorahub": "LoraHub (gradient-free, 40 evaluations)",
+        "default": "learned composition, `fit` defaults",
+        "learned": "learned composition, fixed recipe", "lorahub": "LoraHub (gradient-free, 40 evaluations)",
     }  # fmt: skip
     # Draws of an earlier run may lack a method added since.
     present = [m for m in names if all(m in d for d in res["draws"])]
@@ -560,17 +646,19 @@ def table(res: dict) -> str:
         cells = [mean_sd([d[m] for d in res["draws"] if d["k"] == k]) for k in ks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Paired differences, learned minus each other method (points, mean ± sd over seeds; wins/seeds):\n")
+    # `fit` as a user runs it leads when measured.
+    lead = "default" if "default" in present else "learned"
+    lines.append(f"Paired differences, {names[lead]} minus each other method (points, mean ± sd over seeds; wins/seeds):\n")
     lines.append("| vs | " + " | ".join(f"k={k}" for k in ks) + " |")
     lines.append("|---|" + "---|" * len(ks))
-    for m in [x for x in present if x != "learned"]:
+    for m in [x for x in present if x != lead]:
         cells = []
         for k in ks:
-            diffs = [d["learned"] - d[m] for d in res["draws"] if d["k"] == k]
+            diffs = [d[lead] - d[m] for d in res["draws"] if d["k"] == k]
             wins = sum(x > 0 for x in diffs)
             cells.append(f"{mean_sd(diffs)} ({wins}/{len(diffs)})")
         lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
-    timed = [m for m in ("lora", "learned", "lorahub") if all(m in d.get("seconds_to_train", {}) for d in res["draws"])]
+    timed = [m for m in ("lora", "default", "learned", "lorahub") if all(m in d.get("seconds_to_train", {}) for d in res["draws"])]
     if timed:
         lines.append("")
         lines.append("Seconds to train (the whole command: load, train, write), mean over the draws:\n")
@@ -590,7 +678,10 @@ def table(res: dict) -> str:
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
 
     uniform_w = 1 / len(UPSTREAM)
-    weight_table("weights", "Mean learned weight per upstream adapter (uniform = %.3f):" % uniform_w)
+    weight_table("weights", "Mean learned weight per upstream adapter, fixed recipe (uniform = %.3f):" % uniform_w)
+    if "default" in present:
+        lines.append("")
+        weight_table("default_weights", "Mean learned weight per upstream adapter, `fit` defaults:")
     if "lorahub" in present:
         lines.append("")
         weight_table(
@@ -604,8 +695,8 @@ def table(res: dict) -> str:
         lines.append(f"Each upstream adapter alone (no training), k=5, {sw} seeds, against its mean learned weight at k=5:\n")
         lines.append("| upstream | accuracy (%) | learned weight |")
         lines.append("|---|---|---|")
-        for a in UPSTREAM:
-            w5 = [d["weights"][a] for d in res["draws"] if d["k"] == 5]
+        for a in sorted({d["adapter"] for d in res["single"]}, key=ALL_UPSTREAM.index):
+            w5 = [d["weights"][a] for d in res["draws"] if d["k"] == 5 and a in d["weights"]]
             wcell = f"{statistics.mean(w5):.3f}" if w5 else "-"
             lines.append(f"| {a} | {mean_sd([d['accuracy'] for d in res['single'] if d['adapter'] == a])} | {wcell} |")
     if res.get("scale"):
@@ -699,7 +790,8 @@ def main():
     ap.add_argument("--bin", help="the lora-merge binary (default: $LORA_MERGE_BIN, else the newer of target/{release,debug}/lora-merge)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("data")
-    sub.add_parser("upstream")
+    u = sub.add_parser("upstream")
+    u.add_argument("--names", nargs="+", help="train only these upstream tasks (default: all ten)")
     sub.add_parser("demo")
     sub.add_parser("check")
     r = sub.add_parser("run")
@@ -710,8 +802,14 @@ def main():
         "--sections", nargs="+", choices=SECTIONS,
         help="run only these parts (default: all); the others are kept from an earlier results.json",
     )  # fmt: skip
+    r.add_argument(
+        "--methods", nargs="+", choices=METHODS,
+        help="in the draws, run only these methods and keep the others' figures from an earlier results.json",
+    )  # fmt: skip
     args = ap.parse_args()
-    if args.cmd == "upstream" and UPSTREAM_DIR.exists():
+    # A full remake starts from an empty folder; `--names` replaces only the
+    # adapters named (train --force replaces each output whole).
+    if args.cmd == "upstream" and not args.names and UPSTREAM_DIR.exists():
         shutil.rmtree(UPSTREAM_DIR)
     {"data": cmd_data, "upstream": cmd_upstream, "demo": cmd_demo, "run": cmd_run, "check": cmd_check}[args.cmd](args)
 

@@ -26,7 +26,7 @@ fn fewshot_pipeline_gives_real_and_repeatable_accuracies() {
     let report: Value = serde_json::from_str(&stdout).expect("check prints one JSON object");
     assert_eq!(report["failures"], Value::Array(vec![]));
     // Six classes: chance is 1/6. Each method is checked, not just reported.
-    for method in ["base", "lora", "uniform", "learned", "lorahub"] {
+    for method in ["base", "lora", "uniform", "learned", "lorahub", "default"] {
         let acc = report["accuracy"][method]
             .as_f64()
             .unwrap_or_else(|| panic!("no accuracy for {method}"));
