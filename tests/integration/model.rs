@@ -834,6 +834,10 @@ fn fit_keeps_the_uniform_merge_when_no_class_has_two_shots() {
             String::from_utf8_lossy(&o.stderr).contains("no positive pair"),
             "{extra:?}: the reason is not on stderr"
         );
+        assert!(
+            !String::from_utf8_lossy(&o.stderr).contains("the last step is kept"),
+            "{extra:?}: no step is taken, so none is 'the last'"
+        );
         assert_eq!(
             r["loss_curve"].as_array().unwrap().len(),
             1,

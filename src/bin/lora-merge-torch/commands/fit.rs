@@ -350,14 +350,22 @@ const NO_POSITIVE_PAIR: &str = "no class has two training shots, so the prototyp
      to learn from (--head linear learns from one)";
 
 /// The rule's verdict for this run: Some(reason) when training is skipped.
-fn untrained(args: &FitArgs, shots: &Shots, train: &[usize]) -> Option<&'static str> {
-    (args.head == HeadArg::Prototype && !shots.has_positive_pair(train)).then_some(NO_POSITIVE_PAIR)
+fn untrained(args: &FitArgs, sp: &Split) -> Option<&'static str> {
+    (args.head == HeadArg::Prototype && !sp.shots.has_positive_pair(&sp.train))
+        .then_some(NO_POSITIVE_PAIR)
 }
 
-/// Load the model with the adapters composed in, and learn the weights.
-fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learned> {
+/// Load the model with the adapters composed in, and learn the weights
+/// (none when `untrained` gives the reason: the uniform start is kept).
+fn learn(
+    args: &FitArgs,
+    inp: &Inputs,
+    sp: Split,
+    untrained: Option<&'static str>,
+    rng: &mut Rng,
+) -> Result<Learned> {
     if args.optimizer == OptimizerArg::GradientFree {
-        return learn_gradient_free(args, inp, sp);
+        return learn_gradient_free(args, inp, sp, untrained);
     }
     let n = inp.set.adapters.len();
     let grouping = granularity(args);
@@ -374,10 +382,6 @@ fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learn
         val.len()
     ));
     let labels = sp.shots.labels();
-    let untrained = untrained(args, &sp.shots, train);
-    if let Some(why) = untrained {
-        lora_merge::ui::note(&format!("note: {why}"));
-    }
     let t = Instant::now();
     let (outcome, base_val, group_weights, head) = catching(|| {
         let vs = nn::VarStore::new(dev);
@@ -465,16 +469,17 @@ fn learn(args: &FitArgs, inp: &Inputs, sp: Split, rng: &mut Rng) -> Result<Learn
 /// train loss is the loss without the penalty. The kept point has the lowest
 /// penalised loss on the training shots, as in LoraHub; held-out shots score
 /// the start and the kept point only.
-fn learn_gradient_free(args: &FitArgs, inp: &Inputs, sp: Split) -> Result<Learned> {
+fn learn_gradient_free(
+    args: &FitArgs,
+    inp: &Inputs,
+    sp: Split,
+    untrained: Option<&'static str>,
+) -> Result<Learned> {
     let n = inp.set.adapters.len();
     let dev = device(args.device)?;
     tch::manual_seed(args.seed as i64);
     let model = Model::load(&inp.dir, Some(&inp.set), Grouping::Global, Kind::Float, dev)?;
     let (train, val) = (&sp.train, &sp.val);
-    let untrained = untrained(args, &sp.shots, train);
-    if let Some(why) = untrained {
-        lora_merge::ui::note(&format!("note: {why}"));
-    }
     let budget = if untrained.is_some() { 1 } else { budget(args) };
     lora_merge::ui::note(&format!(
         "fit: {n} adapters, one weight each, gradient-free search of {budget} evaluations on {} \
@@ -788,7 +793,10 @@ pub fn run(args: &FitArgs) -> Result<()> {
             "no training shots left after the split",
         ));
     }
-    if sp.val.is_empty() {
+    let untrained = untrained(args, &sp);
+    if let Some(why) = untrained {
+        lora_merge::ui::note(&format!("note: {why}"));
+    } else if sp.val.is_empty() {
         lora_merge::ui::note(&format!(
             "note: no held-out shots (too few for --val-fraction {}); the last step is kept",
             args.val_fraction
@@ -797,7 +805,7 @@ pub fn run(args: &FitArgs) -> Result<()> {
     let (train, val, count, max_len) =
         (sp.train.clone(), sp.val.clone(), sp.shots.len(), sp.max_len);
     let hidden = inp.dir.arch.hidden_size();
-    let learned = learn(args, &inp, sp, &mut rng)?;
+    let learned = learn(args, &inp, sp, untrained, &mut rng)?;
 
     let bar = progress(inp.report.modules.len() as u64, "merging");
     let t_merge = Instant::now();
