@@ -783,7 +783,16 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub batch_size: usize,
 
-    /// Seed of the initialisation, the batches and libtorch.
+    /// Share of the examples held out to choose the step kept: every step
+    /// is scored on them and the one with the lowest held-out loss is
+    /// written (step 0 included, so with --init a tuning that does not help
+    /// keeps the adapter given). Split as `fit` splits with the same --seed
+    /// (classify: per class, always leaving one training example per class).
+    /// Default 0: every example trains and the last step is kept.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub val_fraction: f64,
+
+    /// Seed of the initialisation, the split, the batches and libtorch.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
 

@@ -275,6 +275,8 @@ pub struct TrainHyperParameters {
     pub lr: f64,
     pub head_lr: f64,
     pub batch_size: usize,
+    /// Share of the examples held out to choose the step kept (0: none).
+    pub val_fraction: f64,
     pub max_length: usize,
     pub head: Option<String>,
     pub init: &'static str,
@@ -292,6 +294,9 @@ pub struct TrainingRecord {
     pub threads: i32,
     pub trainable_parameters: usize,
     pub loss_curve: Vec<LossPoint>,
+    /// The step whose parameters were written: the lowest held-out loss,
+    /// or the last step when nothing was held out.
+    pub best_step: usize,
     pub train_seconds: f64,
 }
 

@@ -1196,6 +1196,118 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
     }
 }
 
+/// `train --val-fraction`: examples held out, every step scored on them, and
+/// the step with the lowest held-out loss written; with `--init`, step 0 is
+/// the adapter given, so a tuning that only hurts keeps it.
+#[test]
+fn train_keeps_the_step_with_the_lowest_held_out_loss() {
+    let f = fixtures();
+    let base = f.join("llama");
+    let data = f.join("causal.jsonl");
+    let train = |to: &Path, steps: &str, lr: &str, extra: &[&str]| {
+        let mut a = train_args(
+            &base,
+            &data,
+            to,
+            &[
+                "--steps",
+                steps,
+                "--lr",
+                lr,
+                "--val-fraction",
+                "0.34",
+                "--device",
+                "cpu",
+                "--json",
+                "--force",
+            ],
+        );
+        a.extend(extra.iter().map(|x| x.to_string()));
+        let o = run(&argv(&a));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()
+    };
+    let val_losses = |r: &Value| -> Vec<f64> {
+        r["loss_curve"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["val_loss"].as_f64().expect("every step is scored"))
+            .collect()
+    };
+    let small = ["--rank", "4", "--alpha", "8"];
+    let out = f.join("held-out");
+    let r = train(&out, "30", "0.05", &small);
+    let held = val_losses(&r);
+    assert_eq!(held.len(), 31);
+    let best = r["best_step"].as_u64().unwrap() as usize;
+    let lowest = (0..held.len())
+        .min_by(|&i, &j| held[i].total_cmp(&held[j]).then(i.cmp(&j)))
+        .unwrap();
+    assert_eq!(best, lowest, "{held:?}");
+    // On these six examples the held-out loss turns up before the last
+    // step, so the rule has something to choose.
+    assert!(0 < best && best < 30, "kept step {best}: {held:?}");
+    let m = read_json(&out.join("merge_manifest.json"));
+    let t = &m["training"];
+    assert_eq!(t["best_step"], best);
+    assert_eq!(t["hyper_parameters"]["val_fraction"], 0.34);
+    let mut positions: Vec<u64> = ["train", "validation"]
+        .iter()
+        .flat_map(|k| t["data"][k].as_array().unwrap().iter())
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(t["data"]["validation"].as_array().unwrap().len(), 2);
+    positions.sort_unstable();
+    assert_eq!(positions, (0..6).collect::<Vec<u64>>());
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains(&format!("step {best} kept")),
+        "the card names the kept step:\n{card}"
+    );
+    // What was written is that step's adapter: a run stopped there (same
+    // seed, so the same split and batches) writes the same bytes.
+    let stopped = f.join("held-out-stopped");
+    train(&stopped, &best.to_string(), "0.05", &small);
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(stopped.join("adapter_model.safetensors")).unwrap()
+    );
+
+    // Tuning that adapter further at a rate that only raises the held-out
+    // loss keeps step 0: the adapter given, unchanged.
+    let tuned = f.join("held-out-tuned");
+    let r = train(&tuned, "4", "0.01", &["--init", p(&out)]);
+    let held = val_losses(&r);
+    assert!(
+        held[1..].iter().all(|&v| v > held[0]),
+        "every step raises the held-out loss here: {held:?}"
+    );
+    assert_eq!(r["best_step"], 0);
+    let before = safetensors_values(&out.join("adapter_model.safetensors"));
+    let after = safetensors_values(&tuned.join("adapter_model.safetensors"));
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &before {
+        assert!(
+            v.iter().zip(&after[k]).all(|(x, y)| (x - y).abs() < 1e-6),
+            "{k} changed although step 0 was kept"
+        );
+    }
+
+    // A share that leaves nothing to train on is a usage error.
+    for bad in [
+        "--val-fraction=1",
+        "--val-fraction=-0.1",
+        "--val-fraction=NaN",
+    ] {
+        let a = train_args(&base, &data, &f.join("t5"), &[bad]);
+        assert_refused(&argv(&a), &["--val-fraction"]);
+    }
+}
+
 /// `train` on `data` over `base` into `to`, with more flags.
 fn train_args(base: &Path, data: &Path, to: &Path, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = ["train", "--base", p(base), "--data", p(data), "-o", p(to)]

@@ -33,12 +33,22 @@ use crate::engine::tokenize::Tok;
 use crate::engine::{catching, device, device_name, tch_err, to_f32, Model};
 use crate::training::heads::{head_files, new_head};
 use crate::training::steps::{self, curve_table, Objective, Plan};
-use crate::training::{check_rate, check_steps, load_shots, open_base, Trainer};
+use crate::training::{check_rate, check_steps, load_shots, open_base, split, Shots, Trainer};
+
+/// Copies of the trained factors (A, B per layer) and of the head (weight,
+/// bias) at one step.
+type Snapshot = (Vec<(Tensor, Tensor)>, Option<(Tensor, Tensor)>);
 
 /// The LoRA factors (in the model's variable store) and the head.
 struct NewLora<'a> {
     trainer: Trainer<'a>,
     opt: nn::Optimizer,
+    train: &'a [usize],
+    val: &'a [usize],
+    batch: usize,
+    /// With held-out examples: the kept step's parameters, put back after
+    /// the last step.
+    kept: Option<Snapshot>,
 }
 
 impl Objective for NewLora<'_> {
@@ -46,18 +56,55 @@ impl Objective for NewLora<'_> {
         self.trainer.train_loss(batch, &[])
     }
     fn held_out(&mut self) -> Option<(f64, Option<f64>)> {
-        None
+        (!self.val.is_empty()).then(|| self.trainer.val_loss(self.train, self.val, &[], self.batch))
     }
-    // Nothing is held out: the last step's parameters are the result.
-    fn keep(&mut self, _step: usize) {}
+    // Without held-out examples the last step's parameters are the result
+    // and nothing is copied.
+    fn keep(&mut self, _step: usize) {
+        if self.val.is_empty() {
+            return;
+        }
+        let factors = self
+            .trainer
+            .model
+            .trained
+            .iter()
+            .map(|t| (t.a.copy(), t.b.copy()))
+            .collect();
+        let head = self.trainer.head.as_ref().map(|h| (h.w.copy(), h.b.copy()));
+        self.kept = Some((factors, head));
+    }
     fn step(&mut self, loss: &Tensor) {
         self.trainer.apply(loss, &mut self.opt);
+    }
+}
+
+impl NewLora<'_> {
+    /// Put the kept step's parameters back into the variables.
+    fn restore(&mut self) {
+        let Some((factors, head)) = self.kept.take() else {
+            return;
+        };
+        tch::no_grad(|| {
+            for (t, (a, b)) in self.trainer.model.trained.iter().zip(&factors) {
+                t.a.shallow_clone().copy_(a);
+                t.b.shallow_clone().copy_(b);
+            }
+            if let (Some(h), Some((w, b))) = (&self.trainer.head, &head) {
+                h.w.shallow_clone().copy_(w);
+                h.b.shallow_clone().copy_(b);
+            }
+        });
     }
 }
 
 /// What the training run did.
 struct Run {
     curve: Vec<LossPoint>,
+    /// The step whose parameters were written.
+    best_step: usize,
+    /// Positions of the training and held-out examples, when some were held out.
+    split: Option<(Vec<usize>, Vec<usize>)>,
     device: String,
     seconds: f64,
     params: usize,
@@ -88,7 +135,7 @@ fn contents<'a>(
 ) -> Result<writer::Contents<'a>> {
     let curve = &run.curve;
     let first = curve.first().map_or(f64::NAN, |p| p.train_loss);
-    let last = curve.last().map_or(f64::NAN, |p| p.train_loss);
+    let last = curve.get(run.best_step).map_or(f64::NAN, |p| p.train_loss);
     let mut manifest = Manifest::new(
         MethodRecord {
             name: "train",
@@ -134,9 +181,12 @@ fn contents<'a>(
             path: args.data.clone(),
             sha256: lora_merge::hash::sha256_file(&args.data)?,
             count: run.count,
-            train: None,
-            validation: None,
-            indices: None,
+            train: run.split.as_ref().map(|s| s.0.clone()),
+            validation: run.split.as_ref().map(|s| s.1.clone()),
+            indices: run.split.as_ref().map(|_| {
+                "0-based positions among the file's distinct examples (non-blank lines, \
+                 repeats used once)"
+            }),
         },
         hyper_parameters: TrainHyperParameters {
             rank: shape.rank,
@@ -146,6 +196,7 @@ fn contents<'a>(
             lr: args.lr,
             head_lr: args.head_lr,
             batch_size: args.batch_size,
+            val_fraction: args.val_fraction,
             max_length: run.max_len,
             head: (task == Task::Classify).then(|| format!("{:?}", args.head).to_lowercase()),
             init: shape.init,
@@ -156,6 +207,7 @@ fn contents<'a>(
         threads: tch::get_num_threads(),
         trainable_parameters: run.params,
         loss_curve: curve.clone(),
+        best_step: run.best_step,
         train_seconds: run.seconds,
     });
     manifest.timings = [("train_s", run.seconds), ("total_s", total_s)]
@@ -166,7 +218,7 @@ fn contents<'a>(
         title: "LoRA adapter".into(),
         summary: format!(
             "A LoRA (rank {}, alpha {}, on {}) trained with lora-merge {} on {} examples \
-             (task {}) for {} steps: training loss {first:.4} -> {last:.4}. Written with scale 1 \
+             (task {}) for {} steps{}: training loss {first:.4} -> {last:.4}. Written with scale 1 \
              (`lora_alpha` = rank; the trained alpha/r is folded into `lora_B`).",
             shape.rank,
             shape.alpha,
@@ -175,6 +227,7 @@ fn contents<'a>(
             run.count,
             task.name(),
             args.steps,
+            kept_phrase(run),
         ),
         base_model: Some(args.base.clone()),
         format: "peft",
@@ -209,6 +262,28 @@ fn contents<'a>(
     })
 }
 
+/// With held-out examples, which step was kept and why, for the card and
+/// the report; empty without.
+fn kept_phrase(run: &Run) -> String {
+    let Some((train, val)) = &run.split else {
+        return String::new();
+    };
+    let held = |i: usize| {
+        run.curve
+            .get(i)
+            .and_then(|p| p.val_loss)
+            .map_or("-".to_string(), |v| format!("{v:.4}"))
+    };
+    format!(
+        " ({} training, {} held out; step {} kept, held-out loss {} against {} at step 0)",
+        train.len(),
+        val.len(),
+        run.best_step,
+        held(run.best_step),
+        held(0)
+    )
+}
+
 /// The result: JSON on stdout, or the curve and a summary on stderr.
 fn report(
     args: &TrainArgs,
@@ -219,7 +294,10 @@ fn report(
     total_s: f64,
 ) -> Result<()> {
     let first = run.curve.first().map_or(f64::NAN, |p| p.train_loss);
-    let last = run.curve.last().map_or(f64::NAN, |p| p.train_loss);
+    let last = run
+        .curve
+        .get(run.best_step)
+        .map_or(f64::NAN, |p| p.train_loss);
     if args.json {
         print_json(&json!({
             "output": dir,
@@ -228,12 +306,14 @@ fn report(
             "modules": modules,
             "trainable_parameters": run.params,
             "loss_curve": run.curve,
+            "best_step": run.best_step,
             "train_seconds": run.seconds,
         }))?;
     } else {
-        lora_merge::ui::note(&curve_table(&run.curve, run.curve.len().saturating_sub(1)));
+        lora_merge::ui::note(&curve_table(&run.curve, run.best_step));
         lora_merge::ui::note(&format!(
-            "training loss {first:.4} -> {last:.4}; wrote {} (PEFT adapter, merge_manifest.json, README.md) in {:.1} s",
+            "training loss {first:.4} -> {last:.4}{}; wrote {} (PEFT adapter, merge_manifest.json, README.md) in {:.1} s",
+            kept_phrase(run),
             dir.display(),
             total_s
         ));
@@ -280,6 +360,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     check_rate("--lr", args.lr)?;
     check_rate("--head-lr", args.head_lr)?;
+    if !(0.0..1.0).contains(&args.val_fraction) {
+        return Err(Error::Usage("--val-fraction must be in [0, 1)".into()));
+    }
     if !(args.alpha.is_finite() && args.alpha > 0.0) {
         return Err(Error::Usage("--alpha must be a positive number".into()));
     }
@@ -327,6 +410,27 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let shots = load_shots(task, &args.data, &mut tok, max_len)?;
     let count = shots.len();
     let labels = shots.labels();
+    // The batches' generator; with --val-fraction it draws the split first,
+    // as `fit` does with the same seed. Without, the batches are those of
+    // earlier releases.
+    let mut rng = Rng(args.seed);
+    let split = (args.val_fraction > 0.0).then(|| match &shots {
+        Shots::Causal(t) => split::plain(t.len(), args.val_fraction, &mut rng),
+        Shots::Classify { y, labels, .. } => {
+            let names: Vec<String> = y.iter().map(|&i| labels[i as usize].clone()).collect();
+            split::stratified(&names, args.val_fraction, &mut rng)
+        }
+    });
+    let split = split.filter(|(_, val)| !val.is_empty());
+    if args.val_fraction > 0.0 && split.is_none() {
+        lora_merge::ui::note(&format!(
+            "note: too few examples to hold any out with --val-fraction {}; every example \
+             trains and the last step is kept",
+            args.val_fraction
+        ));
+    }
+    let all: Vec<usize> = (0..count).collect();
+    let (train_idx, val_idx) = split.clone().unwrap_or((all, Vec::new()));
 
     let dev = device(args.device)?;
     tch::manual_seed(args.seed as i64);
@@ -368,18 +472,22 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         },
     };
     lora_merge::ui::note(&format!(
-        "train: LoRA r={} alpha={} on {} layers ({} parameters) of {} on {}, {} examples",
+        "train: LoRA r={} alpha={} on {} layers ({} parameters) of {} on {}, {} examples{}",
         shape.rank,
         shape.alpha,
         model.trained.len(),
         params,
         dir.arch.name(),
         device_name(dev),
-        count
+        count,
+        if val_idx.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} held out to choose the step kept)", val_idx.len())
+        }
     ));
     let t_train = Instant::now();
-    let all: Vec<usize> = (0..count).collect();
-    let (curve, head) = catching(|| {
+    let (curve, best_step, head) = catching(|| {
         let opt = nn::Adam::default().build(&vs, args.lr).map_err(tch_err)?;
         let mut lora = NewLora {
             trainer: Trainer {
@@ -388,13 +496,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 head: None,
             },
             opt,
+            train: &train_idx,
+            val: &val_idx,
+            batch: args.batch_size,
+            kept: None,
         };
         if args.head == HeadArg::Linear {
             // The head starts from the model as it is now: the base model
             // (B = 0), or with --init the adapter given.
             lora.trainer.head = Some(new_head(
                 &lora.trainer,
-                &all,
+                &train_idx,
                 &[],
                 args.batch_size,
                 args.head_lr,
@@ -403,16 +515,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         let plan = Plan {
             steps: args.steps,
             batch_size: args.batch_size,
-            train: &all,
+            train: &train_idx,
             lr: ("--lr", args.lr),
             label: "train",
         };
-        let outcome = steps::run(&plan, &mut Rng(args.seed), &mut lora)?;
+        let outcome = steps::run(&plan, &mut rng, &mut lora)?;
+        lora.restore();
         let head = match &lora.trainer.head {
             Some(h) => Some((to_f32(&h.w)?, to_f32(&h.b)?)),
             None => None,
         };
-        Ok((outcome.curve, head))
+        Ok((outcome.curve, outcome.best_step, head))
     })?;
     let train_s = t_train.elapsed().as_secs_f64();
 
@@ -452,6 +565,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
 
     let run = Run {
         curve,
+        best_step,
+        split,
         device: device_name(dev),
         seconds: train_s,
         params,
