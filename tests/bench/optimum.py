@@ -16,11 +16,12 @@ and the worst achieved/optimal ratio. The benchmark tables' "error against
 the optimum" figures come from here.
 
 Usage:
-    python tests/bench/optimum.py OUT [--sample N]
+    python tests/bench/optimum.py OUT [--match REGEX] [--sample N]
 
 OUT is the merge's output directory (merge_manifest.json and one
-.safetensors). --sample N checks N modules spread evenly over the sorted
-module list (default: all); a dense SVD of a 10240 x 1280 delta takes a few
+.safetensors). --match keeps the modules whose name the regular expression
+finds; --sample N then checks N of them spread evenly over the sorted
+list (default: all); a dense SVD of a 10240 x 1280 delta takes a few
 seconds.
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -76,10 +78,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--sample", type=int, default=0)
+    ap.add_argument("--match", default=None, help="only modules whose name this regular expression finds")
     args = ap.parse_args()
     torch.set_num_threads(1)
     man = json.loads((args.out / "merge_manifest.json").read_text())
-    names = sorted(man["modules"])
+    names = sorted(n for n in man["modules"] if args.match is None or re.search(args.match, n))
+    if not names:
+        raise SystemExit(f"optimum: no module matches {args.match!r}")
     if args.sample and args.sample < len(names):
         step = len(names) / args.sample
         names = [names[int(i * step)] for i in range(args.sample)]

@@ -95,10 +95,17 @@ pub(super) fn is_cheaper(m: usize, n: usize, k: usize, rank: usize) -> bool {
         let (p, q) = (mf.min(nf), mf.max(nf));
         2.0 * mf * nf * kf + 8.0 * p * p * q + 12.0 * p.powi(3)
     };
-    // Gram matrices; per step two k x k by k x l products, the block's
-    // small products and two l x l SVDs; the final Ritz step.
-    let step = 4.0 * kf * kf * lf + 8.0 * kf * lf * lf + 44.0 * lf.powi(3);
-    let ours = (mf + nf) * kf * kf + EXPECTED_STEPS * step + 2.0 * (2.0 * nf + mf) * kf * lf;
+    // Gram matrices and, per step, two k x k by k x l products: in single
+    // precision, at about twice the double-precision rate (measured: faer's
+    // f32 products run at 70 Gflop/s on one core, f64 at 35), so counted at
+    // half. Per step the block's small products and two l x l SVDs, and the
+    // final Ritz step, in double. (Counting the single-precision work in
+    // full kept 640-wide SDXL layers of summed rank 1024 on the dense route,
+    // 0.33 s each against 0.11 s here.)
+    let single = (mf + nf) * kf * kf + EXPECTED_STEPS * 4.0 * kf * kf * lf;
+    let double =
+        EXPECTED_STEPS * (8.0 * kf * lf * lf + 44.0 * lf.powi(3)) + 2.0 * (2.0 * nf + mf) * kf * lf;
+    let ours = 0.5 * single + double;
     2.0 * ours < exact
 }
 
@@ -180,7 +187,6 @@ enum Grams {
 
 impl Grams {
     fn single(b: MatRef<f64>, at: MatRef<f64>) -> Grams {
-        let narrow = |x: MatRef<f64>| Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] as f32);
         Grams::Single {
             gb: gram(narrow(b).as_ref()),
             ga: gram(narrow(at).as_ref()),
@@ -318,17 +324,45 @@ impl Grams {
 /// `lhs @ rhs` with `lhs` in single precision: `rhs` is rounded to single,
 /// the product taken in single and widened back.
 fn mul_single(lhs: MatRef<f32>, rhs: MatRef<f64>) -> Mat<f64> {
-    let narrow = Mat::from_fn(rhs.nrows(), rhs.ncols(), |i, j| rhs[(i, j)] as f32);
     let mut out = Mat::<f32>::zeros(lhs.nrows(), rhs.ncols());
     matmul(
         out.as_mut(),
         Accum::Replace,
         lhs,
-        narrow.as_ref(),
+        narrow(rhs).as_ref(),
         1.0,
         Par::Seq,
     );
-    Mat::from_fn(out.nrows(), out.ncols(), |i, j| f64::from(out[(i, j)]))
+    convert(out.as_ref(), f64::from)
+}
+
+/// `x` rounded to single precision.
+fn narrow(x: MatRef<f64>) -> Mat<f32> {
+    convert(x, |v| v as f32)
+}
+
+/// `x` with `f` applied to each entry, a column at a time: a slice loop the
+/// compiler vectorizes where the column is contiguous (as every matrix here
+/// is). Indexing entry by entry cost as much as the Gram matrices
+/// themselves on the tall factors.
+fn convert<S: Copy, T: Copy + Default>(x: MatRef<S>, f: impl Fn(S) -> T) -> Mat<T> {
+    let mut out = Mat::<T>::from_fn(x.nrows(), x.ncols(), |_, _| T::default());
+    for j in 0..x.ncols() {
+        let dst = out.col_as_slice_mut(j);
+        match x.col(j).try_as_col_major() {
+            Some(col) => {
+                for (d, &v) in dst.iter_mut().zip(col.as_slice()) {
+                    *d = f(v);
+                }
+            }
+            None => {
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = f(x[(i, j)]);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The subspace `P = orth(A'^T Y)` (Householder), `M P = B' (A' P)` from the
@@ -803,6 +837,60 @@ mod tests {
     /// Benchmark shapes (SDXL and Llama-like, random adapters, flat spectra):
     /// time of this route against the exact one's factorizations, and the
     /// error against the optimum.
+    /// The route rule against the clock: for shapes from 320 to 1024 wide
+    /// and summed ranks 384 to 2048 (rank 32, flat spectra), both routes
+    /// timed; wherever [`is_cheaper`] picks this route it must be faster.
+    /// `cargo test --release --no-default-features --lib route_rule_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn route_rule_timing() {
+        for (m, n) in [
+            (320, 320),
+            (640, 640),
+            (640, 2048),
+            (768, 768),
+            (1024, 1024),
+        ] {
+            for k in [384, 512, 768, 1024, 2048] {
+                let case = Case::new(11, (m, n), k / 32, 32, flat);
+                let ts = case.terms();
+                let bp = stacked_b(m, &ts);
+                let apt = stacked_at(n, &ts);
+                let noise = noise_floor(bp.as_ref(), apt.as_ref());
+                let start = std::time::Instant::now();
+                let sub = svd(bp.as_ref(), apt.as_ref(), 32, noise).unwrap();
+                let t_sub = start.elapsed().as_secs_f64();
+                let start = std::time::Instant::now();
+                if k < m.min(n) {
+                    let qrb = super::householder_qr(bp.clone());
+                    let qra = super::householder_qr(apt.clone());
+                    let core = super::mul(qrb.r.as_ref(), qra.r.as_ref().transpose());
+                    std::hint::black_box(super::thin_svd(core.as_ref()).unwrap());
+                } else {
+                    let dense = super::mul(bp.as_ref(), apt.as_ref().transpose());
+                    std::hint::black_box(super::thin_svd(dense.as_ref()).unwrap());
+                }
+                let t_ex = start.elapsed().as_secs_f64();
+                let rule = is_cheaper(m, n, k, 32);
+                crate::ui::note(&format!(
+                    "{m} x {n}, k = {k}: subspace {t_sub:.3} s, exact {t_ex:.3} s (ratio \
+                     {:.2}); the rule picks {}",
+                    t_sub / t_ex,
+                    if rule {
+                        "the subspace"
+                    } else {
+                        "the exact route"
+                    }
+                ));
+                assert!(sub.is_some(), "{m} x {n}, k = {k}: no convergence");
+                assert!(
+                    !rule || t_sub < t_ex,
+                    "{m} x {n}, k = {k}: the rule chose the slower route"
+                );
+            }
+        }
+    }
+
     /// `cargo test --release --no-default-features --lib subspace_timing -- --ignored --nocapture`
     #[test]
     #[ignore]
