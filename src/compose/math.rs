@@ -156,7 +156,15 @@ pub fn svd(m: usize, n: usize, terms: &[Term], rank: usize) -> Result<Factored, 
             return Ok(f);
         }
     }
-    if k < m.min(n) {
+    exact_svd(bp, apt, rank, noise)
+}
+
+/// The exact routes of [`svd`] for `B' A'` (`bp` is `m x k`, `apt` is
+/// `n x k`): with `k` below both sides, QR of both factors and an SVD of the
+/// `k x k` core; else an SVD of the dense `m x n` delta.
+fn exact_svd(bp: Mat<f64>, apt: Mat<f64>, rank: usize, noise: f64) -> Result<Factored, String> {
+    let k = bp.ncols();
+    if k < bp.nrows().min(apt.nrows()) {
         let qrb = householder_qr(bp);
         let qra = householder_qr(apt);
         let core = mul(qrb.r.as_ref(), qra.r.as_ref().transpose());

@@ -1140,21 +1140,7 @@ fn train_makes_a_lora_that_peft_loads_and_that_helps() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["trainable_parameters"], 2 * (4 * 128 + 4 * 96 + 4 * 192));
-    let before = safetensors_values(&out.join("adapter_model.safetensors"));
-    let after = safetensors_values(&again.join("adapter_model.safetensors"));
-    assert_eq!(
-        before.keys().collect::<Vec<_>>(),
-        after.keys().collect::<Vec<_>>()
-    );
-    for (k, v) in &before {
-        let w = &after[k];
-        let worst = v
-            .iter()
-            .zip(w)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 1e-6, "{k}: differs by {worst}");
-    }
+    assert_same_factors(&out, &again, "a negligible step");
     // ... and its step-0 loss is the loss eval gives that adapter.
     let step0 = r["loss_curve"][0]["train_loss"].as_f64().unwrap();
     assert!(
@@ -1284,18 +1270,40 @@ fn train_keeps_the_step_with_the_lowest_held_out_loss() {
         "every step raises the held-out loss here: {held:?}"
     );
     assert_eq!(r["best_step"], 0);
-    let before = safetensors_values(&out.join("adapter_model.safetensors"));
-    let after = safetensors_values(&tuned.join("adapter_model.safetensors"));
-    assert_eq!(
-        before.keys().collect::<Vec<_>>(),
-        after.keys().collect::<Vec<_>>()
+    assert_same_factors(&out, &tuned, "step 0 was kept");
+
+    // Too few examples to hold any out (causal-lm holds none out below 4):
+    // said on stderr, every example trains and the last step is written,
+    // and the manifest records no split.
+    let three = f.join("causal-3.jsonl");
+    let text = std::fs::read_to_string(&data).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    std::fs::write(&three, lines[..3].join("\n") + "\n").unwrap();
+    let few = f.join("held-out-few");
+    let a = train_args(
+        &base,
+        &three,
+        &few,
+        &[
+            "--steps",
+            "2",
+            "--val-fraction",
+            "0.34",
+            "--device",
+            "cpu",
+            "--json",
+        ],
     );
-    for (k, v) in &before {
-        assert!(
-            v.iter().zip(&after[k]).all(|(x, y)| (x - y).abs() < 1e-6),
-            "{k} changed although step 0 was kept"
-        );
-    }
+    let o = run(&argv(&a));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("too few examples to hold any out"), "{err}");
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["best_step"], 2);
+    assert!(r["loss_curve"][0]["val_loss"].is_null());
+    let t = &read_json(&few.join("merge_manifest.json"))["training"];
+    assert_eq!(t["best_step"], 2);
+    assert!(t["data"].get("validation").is_none(), "{t}");
 
     // A share that leaves nothing to train on is a usage error.
     for bad in [
@@ -1321,6 +1329,29 @@ fn train_args(base: &Path, data: &Path, to: &Path, extra: &[&str]) -> Vec<String
 /// Owned arguments as `run` takes them.
 fn argv(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
+}
+
+/// Two PEFT adapters hold the same tensors with values within 1e-6 (NaN
+/// never matches).
+fn assert_same_factors(a: &Path, b: &Path, why: &str) {
+    let before = safetensors_values(&a.join("adapter_model.safetensors"));
+    let after = safetensors_values(&b.join("adapter_model.safetensors"));
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &before {
+        let worst = v
+            .iter()
+            .zip(&after[k])
+            // f32::max skips NaN; a NaN on either side counts as different.
+            .map(|(x, y)| (x - y).abs())
+            .fold(
+                0f32,
+                |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+            );
+        assert!(worst < 1e-6, "{k}: differs by {worst} although {why}");
+    }
 }
 
 /// Every tensor of a safetensors file as f32 values, by name.

@@ -249,13 +249,7 @@ fn split_shots(args: &FitArgs, inp: &Inputs, rng: &mut Rng) -> Result<Split> {
     let model_max = inp.dir.arch.max_positions();
     let max_len = args.max_length.unwrap_or(model_max).min(model_max);
     let shots = load_shots(inp.task, &args.shots, &mut tok, max_len)?;
-    let (train, val) = match &shots {
-        Shots::Causal(t) => split::plain(t.len(), args.val_fraction, rng),
-        Shots::Classify { y, labels, .. } => {
-            let names: Vec<String> = y.iter().map(|&i| labels[i as usize].clone()).collect();
-            split::stratified(&names, args.val_fraction, rng)
-        }
-    };
+    let (train, val) = split::shots(&shots, args.val_fraction, rng);
     Ok(Split {
         shots,
         train,

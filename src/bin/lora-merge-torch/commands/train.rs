@@ -33,7 +33,7 @@ use crate::engine::tokenize::Tok;
 use crate::engine::{catching, device, device_name, tch_err, to_f32, Model};
 use crate::training::heads::{head_files, new_head};
 use crate::training::steps::{self, curve_table, Objective, Plan};
-use crate::training::{check_rate, check_steps, load_shots, open_base, split, Shots, Trainer};
+use crate::training::{check_rate, check_steps, load_shots, open_base, split, Trainer};
 
 /// Copies of the trained factors (A, B per layer) and of the head (weight,
 /// bias) at one step.
@@ -414,14 +414,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     // as `fit` does with the same seed. Without, the batches are those of
     // earlier releases.
     let mut rng = Rng(args.seed);
-    let split = (args.val_fraction > 0.0).then(|| match &shots {
-        Shots::Causal(t) => split::plain(t.len(), args.val_fraction, &mut rng),
-        Shots::Classify { y, labels, .. } => {
-            let names: Vec<String> = y.iter().map(|&i| labels[i as usize].clone()).collect();
-            split::stratified(&names, args.val_fraction, &mut rng)
-        }
-    });
-    let split = split.filter(|(_, val)| !val.is_empty());
+    let split = (args.val_fraction > 0.0)
+        .then(|| split::shots(&shots, args.val_fraction, &mut rng))
+        .filter(|(_, val)| !val.is_empty());
     if args.val_fraction > 0.0 && split.is_none() {
         lora_merge::ui::note(&format!(
             "note: too few examples to hold any out with --val-fraction {}; every example \

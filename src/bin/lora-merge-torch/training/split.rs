@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use lora_merge::rng::Rng;
 
+use super::Shots;
+
 /// Held-out indices: causal-lm none below 4 shots, else round(n * f), at
 /// least 1 and leaving at least 1 for training.
 pub fn plain(n: usize, frac: f64, rng: &mut Rng) -> (Vec<usize>, Vec<usize>) {
@@ -20,6 +22,19 @@ pub fn plain(n: usize, frac: f64, rng: &mut Rng) -> (Vec<usize>, Vec<usize>) {
     train.sort_unstable();
     val.sort_unstable();
     (train, val)
+}
+
+/// The split of a task's examples: [`plain`] for causal-lm, [`stratified`]
+/// by label for classify. `fit` and `train --val-fraction` both split so,
+/// and with the same seed they hold out the same examples.
+pub fn shots(shots: &Shots, frac: f64, rng: &mut Rng) -> (Vec<usize>, Vec<usize>) {
+    match shots {
+        Shots::Causal(t) => plain(t.len(), frac, rng),
+        Shots::Classify { y, labels, .. } => {
+            let names: Vec<String> = y.iter().map(|&i| labels[i as usize].clone()).collect();
+            stratified(&names, frac, rng)
+        }
+    }
 }
 
 /// Per class: floor(k * f) held out, always leaving one training shot.
