@@ -184,28 +184,52 @@ impl TensorRef {
         if let Storage::Owned(v) = &self.storage {
             return v.to_vec();
         }
-        let b = self.bytes();
-        match self.dtype {
-            DType::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::F64 => b
-                .chunks_exact(8)
-                .map(|c| {
-                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-                })
-                .collect(),
-            DType::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        }
+        decode(self.dtype, self.bytes())
     }
+}
+
+/// Little-endian values of `dtype` as f32.
+fn decode(dtype: DType, b: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F64 => b
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        DType::F16 => decode_half(b, |bits, out| {
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            bits.reinterpret_cast::<half::f16>()
+                .convert_to_f32_slice(out);
+        }),
+        // A bf16 is the high half of an f32: widening is exact.
+        DType::BF16 => decode_half(b, |bits, out| {
+            for (d, &x) in out.iter_mut().zip(bits) {
+                *d = f32::from_bits(u32::from(x) << 16);
+            }
+        }),
+    }
+}
+
+/// Decodes little-endian 16-bit floats a block at a time: the bytes (which a
+/// map need not align to 2) are gathered into a small aligned buffer of bit
+/// patterns, and `convert` widens the block with the CPU's vector
+/// conversion where it has one (F16C on x86-64). Value by value through
+/// `from_le_bytes` and `to_f32` this was a few percent of a large merge.
+fn decode_half(bytes: &[u8], convert: impl Fn(&[u16], &mut [f32])) -> Vec<f32> {
+    const BLOCK: usize = 1024;
+    let mut out = vec![0.0f32; bytes.len() / 2];
+    let mut bits = [0u16; BLOCK];
+    for (src, dst) in bytes.chunks(2 * BLOCK).zip(out.chunks_mut(BLOCK)) {
+        let bits = &mut bits[..dst.len()];
+        for (b, c) in bits.iter_mut().zip(src.chunks_exact(2)) {
+            *b = u16::from_le_bytes([c[0], c[1]]);
+        }
+        convert(bits, dst);
+    }
+    out
 }
 
 /// A file we read, as we read it.
@@ -214,4 +238,44 @@ pub struct FileRecord {
     pub path: PathBuf,
     pub sha256: String,
     pub size: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_half;
+
+    /// Every 16-bit pattern (zeros, subnormals, infinities, NaNs), read from
+    /// an odd offset and in a length that is not a whole number of blocks,
+    /// decodes as the value-by-value conversion does.
+    #[test]
+    fn block_decoding_agrees_with_value_by_value_for_every_bit_pattern() {
+        let mut bytes = vec![0xAAu8];
+        for x in 0..=u16::MAX {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        bytes.extend_from_slice(&0x3C00u16.to_le_bytes());
+        let src = &bytes[1..];
+        let f16 = super::decode(super::DType::F16, src);
+        let bf16 = super::decode(super::DType::BF16, src);
+        assert_eq!(f16.len(), 65537);
+        // Bit for bit, except that a NaN may come back quieted or not.
+        let same = |x: f32, y: f32| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
+        for (i, c) in src.chunks_exact(2).enumerate() {
+            let bits = u16::from_le_bytes([c[0], c[1]]);
+            let want = half::f16::from_bits(bits).to_f32();
+            assert!(same(f16[i], want), "f16 {bits:#06x}: {} vs {want}", f16[i]);
+            let want = half::bf16::from_bits(bits).to_f32();
+            assert!(
+                same(bf16[i], want),
+                "bf16 {bits:#06x}: {} vs {want}",
+                bf16[i]
+            );
+        }
+        // The value after the first block is in place, and exactly the
+        // 2 x 1023 NaN patterns of f16 are NaN.
+        assert_eq!(f16[65536], 1.0);
+        let nan = f16.iter().filter(|x| x.is_nan()).count();
+        assert_eq!(nan, 2 * 1023);
+        assert!(decode_half(&[], |_, _| unreachable!()).is_empty());
+    }
 }
