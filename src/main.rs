@@ -5,6 +5,7 @@ use lora_merge::cli::Command;
 use lora_merge::commands;
 
 fn main() {
+    lora_merge::resources::reuse_freed_memory();
     lora_merge::exit::main(std::env::args_os(), |cli| match &cli.command {
         Command::Doctor(a) => commands::doctor::run(a),
         Command::Inspect(a) => commands::inspect::run(a),

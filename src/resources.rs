@@ -139,9 +139,43 @@ pub fn check(need: Need, out: &Path, what: &str, smaller: &str) -> Result<()> {
     Ok(())
 }
 
+/// Lets glibc's malloc keep and reuse the memory a merge frees, instead of
+/// handing it back to the kernel after every module. A merge allocates
+/// and frees tens of megabytes per module (decoded factors, stacked
+/// factors, Gram matrices); by default blocks over a dynamic threshold
+/// are mapped and unmapped each time and the heap top is trimmed, so every
+/// module paid page faults and the kernel's zeroing of fresh pages: about
+/// a sixth of an SDXL merge of 32 adapters went to system time. Blocks up to
+/// 32 MiB (glibc's ceiling for this setting) now come from the heap, and
+/// free memory at the heap top is kept up to 1 GiB. Peak memory does not
+/// grow: what is kept is what the next module takes again. Elsewhere than
+/// glibc this does nothing. Returns whether both settings were taken.
+pub fn reuse_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes malloc's tuning parameters (under its
+        // own lock); both values are in the ranges glibc documents.
+        unsafe {
+            let mmap = libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            let trim = libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            mmap == 1 && trim == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// glibc takes both values (it refuses a mapping threshold over
+    /// 32 MiB on 64-bit targets).
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn malloc_takes_the_reuse_settings() {
+        assert!(reuse_freed_memory());
+    }
 
     #[test]
     fn a_need_beyond_the_limit_is_refused_with_figures() {
