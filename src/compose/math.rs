@@ -148,14 +148,14 @@ pub fn svd(m: usize, n: usize, terms: &[Term], rank: usize) -> Result<Factored, 
     if k == 0 || m == 0 || n == 0 {
         return Ok(Factored::empty(0.0, 1.0));
     }
-    let bp = stacked_b(m, terms);
-    let apt = stacked_at(n, terms);
-    let noise = noise_floor(bp.as_ref(), apt.as_ref());
     if subspace::is_cheaper(m, n, k, rank) {
-        if let Some(f) = subspace::svd(bp.as_ref(), apt.as_ref(), rank, noise)? {
+        if let Some(f) = subspace::svd(m, n, terms, rank)? {
             return Ok(f);
         }
     }
+    let bp = stacked_b(m, terms);
+    let apt = stacked_at(n, terms);
+    let noise = noise_floor(bp.as_ref(), apt.as_ref());
     exact_svd(bp, apt, rank, noise)
 }
 
@@ -642,14 +642,22 @@ fn check_finite(terms: &[Term]) -> Result<(), String> {
                 t.weight, t.scale
             ));
         }
-        if t.a.iter().any(|x| !x.is_finite()) {
+        if !all_finite(t.a) {
             return Err(format!("term {i}: A contains NaN or infinity"));
         }
-        if t.b.iter().any(|x| !x.is_finite()) {
+        if !all_finite(t.b) {
             return Err(format!("term {i}: B contains NaN or infinity"));
         }
     }
     Ok(())
+}
+
+/// Whether no value is NaN or infinite. Blocks without an early exit inside,
+/// so the test runs in vector lanes (value by value with `any`, it was a
+/// visible share of a large merge).
+fn all_finite(x: &[f32]) -> bool {
+    x.chunks(1024)
+        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
 }
 
 /// `B'`: the columns of every `B_i`, `m x k`.
@@ -1269,6 +1277,44 @@ mod tests {
         ads[0].a[3] = f32::NAN;
         let err = svd(8, 6, &terms(&ads, &[1.0]), 2).unwrap_err();
         assert!(err.contains("term 0: A"), "{err}");
+    }
+
+    /// Every position of a bad value is found: in the first block, after
+    /// it, in the last partial block, and alone.
+    #[test]
+    fn all_finite_finds_a_bad_value_anywhere() {
+        for len in [1, 7, 1024, 1025, 3000] {
+            let clean = vec![1.5f32; len];
+            assert!(all_finite(&clean));
+            for at in [0, len / 2, len - 1] {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut x = clean.clone();
+                    x[at] = bad;
+                    assert!(!all_finite(&x), "{bad} at {at} of {len}");
+                }
+            }
+            let mut big = clean.clone();
+            big[len - 1] = f32::MAX;
+            assert!(all_finite(&big));
+        }
+        assert!(all_finite(&[]));
+    }
+
+    /// The eight running sums give the plain sum's value, whole blocks or
+    /// not.
+    #[test]
+    fn sum_of_squares_matches_the_plain_sum() {
+        let mut rng = Rng(31);
+        for len in [0, 1, 7, 8, 9, 1000, 1003] {
+            let x = rng.symmetric_vec(len);
+            let plain: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            let fast = subspace::sum_of_squares(&x);
+            assert!(
+                (fast - plain).abs() <= 1e-12 * plain,
+                "{len}: {fast} vs {plain}"
+            );
+        }
+        assert_eq!(subspace::sum_of_squares(&[3.0, 4.0]), 25.0);
     }
 
     #[test]
