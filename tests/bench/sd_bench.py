@@ -7,10 +7,14 @@ in the UNet's transformer blocks (attn1/attn2 q, k, v, out; ff.net.0.proj;
 ff.net.2; proj_in/proj_out of each Transformer2DModel) and in both text
 encoders (q, k, v, out_proj, fc1, fc2 of every layer). Then for each N it
 measures, each run in a fresh subprocess (time of the whole process, peak RSS
-from os.wait4 of that child):
+from os.wait4 of that child), each started from the same state: the previous
+run's output flushed to disk (an exact merge at N=32 leaves 14 GB of dirty
+pages, whose writeback would otherwise be timed in the next run) and the
+inputs read once, so every run finds them in the page cache:
 
   lora-merge exact          (lossless; rank = N x 32)
-  lora-merge svd --rank 32  (from the factors: QR + small SVD)
+  lora-merge svd --rank 32  (from the factors: the exact routes, or the
+                            subspace iteration when the summed rank is large)
   dense svd --rank 32       the way sd-scripts' networks/svd_merge_lora.py
                             does it: per module, the dense delta
                             sum_i ratio_i * alpha_i/r_i * up_i @ down_i in
@@ -143,6 +147,15 @@ def dense_svd_merge(files: list[str], ratios: list[float], rank: int, out: str) 
     save_file(sd, out)
 
 
+def settle(inputs: list[str]) -> None:
+    """Untimed: flush what earlier runs wrote, then read the inputs once."""
+    os.sync()
+    for path in inputs:
+        with open(path, "rb") as f:
+            while f.read(8 << 20):
+                pass
+
+
 def timed(cmd: list[str]) -> tuple[float, float]:
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -194,6 +207,7 @@ def main() -> None:
                                             str(work / "dense.safetensors"), *inp]),
         ]:
             print(f"N={n}: {label}", file=sys.stderr)
+            settle(inp)
             wall, rss = timed(cmd)
             rows.append((n, label, wall, rss))
             # Each row as soon as it is measured: a long run stopped part-way
