@@ -609,8 +609,17 @@ fn shrink(x: MatRef<f64>) -> Mat<f64> {
 /// The size below which singular values of `b a^T` (`b` is `m x k`, `at` is
 /// `n x k`) are indistinguishable from the rounding of computing them.
 fn noise_floor(b: MatRef<f64>, at: MatRef<f64>) -> f64 {
-    let size = b.nrows().max(at.nrows()).max(b.ncols()) as f64;
-    f64::EPSILON * size * b.norm_l2() * at.norm_l2()
+    noise_floor_of(
+        (b.nrows(), at.nrows(), b.ncols()),
+        b.norm_l2(),
+        at.norm_l2(),
+    )
+}
+
+/// [`noise_floor`] from the sizes `(m, n, k)` and the Frobenius norms of
+/// `b` and `at`, for a caller that has the norms without the matrices.
+fn noise_floor_of((m, n, k): (usize, usize, usize), nb: f64, na: f64) -> f64 {
+    f64::EPSILON * m.max(n).max(k) as f64 * nb * na
 }
 
 /// Checks every term against `m x n` and returns `k = sum of ranks`.

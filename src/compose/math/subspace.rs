@@ -43,8 +43,8 @@ use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructu
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::{
-    apply_q, householder_qr, mul, stacked_at, stacked_b, thin_svd, truncate, Factored, Term,
-    ThinSvd,
+    apply_q, householder_qr, mul, noise_floor_of, stacked_at, stacked_b, thin_svd, truncate,
+    Factored, Term, ThinSvd,
 };
 use crate::rng::Rng;
 
@@ -137,10 +137,9 @@ pub(super) fn svd(
     let Some((part, total)) = top_singular(m, n, terms, rank, seed, norms)? else {
         return Ok(None);
     };
-    // As `super::noise_floor`.
     let k: usize = terms.iter().map(|t| t.rank).sum();
     let (nb, na) = norms;
-    let noise = f64::EPSILON * m.max(n).max(k) as f64 * nb * na;
+    let noise = noise_floor_of((m, n, k), nb, na);
     Ok(Some(finish(part, total, rank, noise)))
 }
 
